@@ -1,0 +1,1 @@
+int arq_placeholder_(void); int arq_placeholder_(void){return 0;}

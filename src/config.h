@@ -1,0 +1,62 @@
+/* Server configuration: defaults, YAML file, ARQONBUS_* environment, flags.
+ *
+ * Every setting is one row of a table (config.c) that names its YAML key, its
+ * environment variable (ARQONBUS_ + the key in upper case), its flag (--key
+ * with '-' for '_'), its type, range and default. Precedence, lowest first:
+ * defaults, the file, the environment, the flags. Anything unknown or out of
+ * range stops the start with one message that names it.
+ *
+ * Value syntax: sizes take an optional unit (B, KiB, MiB, GiB; also k, M, G
+ * read as the binary units), durations a unit of ms, s or m (a bare number is
+ * seconds), booleans true/false/yes/no/on/off/1/0.
+ */
+#ifndef ARQ_CONFIG_H
+#define ARQ_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+typedef enum { ARQ_LOGFMT_LOGFMT = 0, ARQ_LOGFMT_JSON = 1 } arq_logfmt_t;
+
+typedef struct arq_config {
+  char *host;                    /* address all listeners bind to */
+  int port;                      /* WebSocket bus */
+  int telemetry_port;            /* telemetry WebSocket server */
+  int http_port;                 /* HTTP ops server */
+  int log_level;                 /* ARQ_LOG_DEBUG .. ARQ_LOG_ERROR (obs/log.h) */
+  arq_logfmt_t log_format;
+  uint64_t max_message_size;     /* bytes, one WebSocket message */
+  uint64_t max_header_size;      /* bytes, the HTTP request head */
+  uint64_t handshake_timeout_ms; /* whole opening handshake */
+  uint64_t heartbeat_interval_ms;/* server ping period, 0 disables */
+  uint64_t heartbeat_timeout_ms; /* wait for the pong */
+  uint64_t close_timeout_ms;     /* wait for the peer's close frame */
+  uint64_t max_connections;      /* WebSocket connections, all ports */
+  uint64_t max_outbound_queue;   /* bytes queued to one client */
+  uint64_t write_timeout_ms;     /* a write that makes no progress */
+  uint64_t drain_timeout_ms;     /* graceful shutdown */
+  char *config_file;             /* the file read, NULL when none */
+} arq_config_t;
+
+/* Fills 'c' with the defaults. Free with arq_config_free(). */
+void arq_config_defaults(arq_config_t *c);
+/* Releases the strings 'c' owns. */
+void arq_config_free(arq_config_t *c);
+
+/* What arq_config_load() found besides settings. */
+typedef enum { ARQ_CONFIG_RUN = 0, ARQ_CONFIG_HELP, ARQ_CONFIG_VERSION } arq_config_action_t;
+
+/* Builds the configuration from defaults, the file named by --config or
+ * ARQONBUS_CONFIG, the environment 'envp' (NULL-terminated "K=V" strings) and
+ * the flags 'argv'. Returns 0 and sets '*action'; on an error returns
+ * ARQ_EINVAL and writes one line naming the key, variable or flag and the
+ * problem into 'err' ('errcap' bytes). */
+int arq_config_load(arq_config_t *c, int argc, char **argv, char **envp, arq_config_action_t *action, char *err,
+                    size_t errcap);
+
+/* Writes the --help text (every flag, its variable and default) to 'out'. */
+void arq_config_usage(FILE *out);
+
+#endif
