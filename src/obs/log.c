@@ -6,6 +6,7 @@
  */
 #include "obs/log.h"
 
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
