@@ -1,1 +1,87 @@
-int main(void) { return 0; }
+/* arqonbus: configuration, logging, limits, then the event loop. */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/resource.h>
+#include <uv.h>
+
+#include "config.h"
+#include "net/server.h"
+#include "obs/log.h"
+#include "util/alloc.h"
+#include "version.h"
+
+extern char **environ;
+
+/* Each connection is one descriptor; take what the hard limit allows. */
+static void raise_fd_limit(const arq_config_t *cfg) {
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+    return;
+  if (rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+    getrlimit(RLIMIT_NOFILE, &rl);
+  }
+  if (rl.rlim_cur != RLIM_INFINITY && cfg->max_connections + 64 > rl.rlim_cur)
+    arq_log(ARQ_LOG_WARN, "server", "max_connections is above the file descriptor limit",
+            ARQ_LI("max_connections", cfg->max_connections), ARQ_LI("fd_limit", rl.rlim_cur));
+}
+
+int main(int argc, char **argv) {
+  arq_config_t cfg;
+  arq_config_action_t action;
+  char err[512];
+  int exit_code = 0;
+
+  arq_config_defaults(&cfg);
+  if (arq_config_load(&cfg, argc, argv, environ, &action, err, sizeof err) != 0) {
+    fprintf(stderr, "arqonbus: %s\n", err);
+    exit_code = 2;
+    goto free_config;
+  }
+  if (action == ARQ_CONFIG_HELP) {
+    arq_config_usage(stdout);
+    goto free_config;
+  }
+  if (action == ARQ_CONFIG_VERSION) {
+    printf("arqonbus %s (protocol %s, git %s, %s build)\n", ARQ_VERSION, ARQ_PROTOCOL_VERSION, ARQ_GIT_REVISION,
+           ARQ_BUILD_TYPE);
+    goto free_config;
+  }
+  arq_log_setup(cfg.log_level, cfg.log_format == ARQ_LOGFMT_JSON);
+  signal(SIGPIPE, SIG_IGN); /* a vanished peer is an error code, not a signal */
+  raise_fd_limit(&cfg);
+
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  arq_server_t *srv = arq_malloc(sizeof(*srv));
+  if (arq_server_start(srv, &loop, &cfg, err, sizeof err) != 0) {
+    fprintf(stderr, "arqonbus: %s\n", err);
+    exit_code = 2;
+    arq_server_close(srv);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    goto free_server;
+  }
+  arq_log(ARQ_LOG_INFO, "server", "listening", ARQ_LS("version", ARQ_VERSION), ARQ_LS("host", cfg.host),
+          ARQ_LI("port", cfg.port), ARQ_LI("telemetry_port", cfg.telemetry_port),
+          ARQ_LI("http_port", cfg.http_port), ARQ_LS("storage", "memory"));
+  printf("ArqonBus %s is running (in-memory mode).\n"
+         "  WebSocket bus   ws://%s:%d\n"
+         "  Telemetry       ws://%s:%d\n"
+         "  HTTP ops        http://%s:%d/health  /version  /metrics\n"
+         "Connect with any WebSocket client, e.g.:  python3 -m websockets ws://%s:%d\n"
+         "Stop with Ctrl-C.\n",
+         ARQ_VERSION, cfg.host, cfg.port, cfg.host, cfg.telemetry_port, cfg.host, cfg.http_port, cfg.host,
+         cfg.port);
+  fflush(stdout);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  arq_log(ARQ_LOG_INFO, "server", "stopped");
+
+free_server:
+  uv_loop_close(&loop);
+  arq_free(srv);
+free_config:
+  arq_config_free(&cfg);
+  return exit_code;
+}

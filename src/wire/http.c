@@ -198,6 +198,8 @@ size_t arq_http_response(char *out, size_t cap, int status, const char *content_
                    "Connection: close\r\n"
                    "%s\r\n",
                    status, arq_http_reason(status), content_type, body_len, extra_headers ? extra_headers : "");
+  if (body == NULL)
+    body_len = 0; /* the head alone: the caller sends the body */
   if (n < 0 || (size_t)n + body_len > cap)
     return 0;
   if (body_len)

@@ -68,8 +68,9 @@ const char *arq_http_reason(int status);
 
 /* Writes a whole response into 'out' ('cap' bytes): status line, Server,
  * Content-Type, Content-Length, Connection: close, 'extra_headers' (zero or
- * more "Name: value\r\n" lines, may be NULL), blank line and 'body'. Returns
- * the length, or 0 when 'cap' is too small. */
+ * more "Name: value\r\n" lines, may be NULL), blank line and 'body'. With
+ * 'body' NULL only the head is written (Content-Length still 'body_len').
+ * Returns the length, or 0 when 'cap' is too small. */
 size_t arq_http_response(char *out, size_t cap, int status, const char *content_type, const char *extra_headers,
                          const char *body, size_t body_len);
 

@@ -1,0 +1,496 @@
+/* Client connections: accept, handshake, frames, close, write queue.
+ *
+ * Reads land in the server's one shared buffer; the frame decoder unmasks in
+ * place and hands back whole messages, so an idle connection holds no read
+ * memory at all. Writes go out as one writev of everything queued; what the
+ * kernel does not take at once continues as one uv_write in flight.
+ */
+#include "net/conn.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#include "obs/log.h"
+#include "util/alloc.h"
+#include "util/err.h"
+#include "wire/handshake.h"
+
+#define MAX_IOV 256
+
+static const char *const port_names[ARQ_PORT_COUNT] = {"bus", "telemetry", "ops"};
+
+static uint64_t now_ms(const arq_conn_t *c) { return uv_now(c->srv->loop); }
+
+static void unlink_all_timers(arq_conn_t *c) {
+  arq_list_remove(&c->node_deadline);
+  arq_list_remove(&c->node_ping);
+  arq_list_remove(&c->node_pong);
+  arq_list_remove(&c->node_write);
+}
+
+static void on_closed(uv_handle_t *h) {
+  arq_conn_t *c = (arq_conn_t *)h;
+  arq_server_t *srv = c->srv;
+  arq_outq_clear(&c->outq);
+  if (c->req) {
+    arq_http_req_free(c->req);
+    arq_free(c->req);
+  }
+  arq_ws_decoder_free(&c->dec);
+  arq_free(c);
+  arq_server_conn_gone(srv);
+}
+
+void arq_conn_destroy(arq_conn_t *c, arq_close_reason_t reason) {
+  arq_server_t *srv = c->srv;
+  if (c->state == ARQ_CONN_CLOSED)
+    return;
+  if (c->state != ARQ_CONN_CLOSING)
+    c->reason = (uint8_t)reason; /* a closing connection keeps why it started closing */
+  if (c->state == ARQ_CONN_HANDSHAKE)
+    srv->npending--;
+  c->state = ARQ_CONN_CLOSED;
+  unlink_all_timers(c);
+  arq_list_remove(&c->node_open);
+  arq_list_remove(&c->node_flush);
+  arq_list_remove(&c->node_all);
+  if (c->opened) {
+    srv->nws--;
+    srv->metrics.connections--;
+    srv->metrics.connections_closed[c->reason]++;
+    arq_log(ARQ_LOG_INFO, "net", "client disconnected", ARQ_LI("conn", c->id), ARQ_LS("remote", c->remote),
+            ARQ_LS("port", port_names[c->kind]), ARQ_LS("reason", arq_close_reason_name(c->reason)));
+  }
+  uv_close((uv_handle_t *)&c->tcp, on_closed);
+}
+
+/* ---- writing ------------------------------------------------------------ */
+
+static void on_shutdown(uv_shutdown_t *req, int status) {
+  arq_conn_t *c = req->data;
+  if (status < 0 && c->state != ARQ_CONN_CLOSED)
+    arq_conn_destroy(c, ARQ_CLOSE_IO_ERROR);
+}
+
+/* Everything queued is written: a closing connection shuts its write side
+ * and waits for the peer to close (the lingering close that lets the peer
+ * read our last frame instead of losing it to a reset). */
+static void queue_drained(arq_conn_t *c) {
+  if (c->state != ARQ_CONN_CLOSING || c->shut)
+    return;
+  c->shut = true;
+  c->sreq.data = c;
+  if (uv_shutdown(&c->sreq, (uv_stream_t *)&c->tcp, on_shutdown) != 0)
+    arq_conn_destroy(c, ARQ_CLOSE_IO_ERROR);
+}
+
+static void on_write(uv_write_t *req, int status) {
+  arq_conn_t *c = req->data;
+  c->writing = false;
+  arq_list_remove(&c->node_write);
+  if (c->state == ARQ_CONN_CLOSED)
+    return; /* cancelled by uv_close; the queue is cleared in on_closed */
+  if (status < 0) {
+    arq_conn_destroy(c, ARQ_CLOSE_IO_ERROR);
+    return;
+  }
+  arq_outq_consume(&c->outq, c->inflight_bytes);
+  if (c->opened)
+    c->srv->metrics.bytes_out += c->inflight_bytes;
+  c->inflight = 0;
+  c->inflight_bytes = 0;
+  arq_conn_flush(c);
+}
+
+void arq_conn_flush(arq_conn_t *c) {
+  uv_buf_t iov[MAX_IOV];
+  arq_list_remove(&c->node_flush);
+  if (c->state == ARQ_CONN_CLOSED || c->writing || c->shut)
+    return;
+  /* Write synchronously while the kernel takes everything. */
+  while (c->outq.count > 0) {
+    unsigned n = arq_outq_peek(&c->outq, 0, iov, MAX_IOV);
+    int r = uv_try_write((uv_stream_t *)&c->tcp, iov, n);
+    if (r == UV_EAGAIN)
+      break;
+    if (r < 0) {
+      arq_conn_destroy(c, ARQ_CLOSE_IO_ERROR);
+      return;
+    }
+    if (c->opened)
+      c->srv->metrics.bytes_out += (uint64_t)r;
+    size_t batch = 0;
+    for (unsigned i = 0; i < n; i++)
+      batch += iov[i].len;
+    arq_outq_consume(&c->outq, (size_t)r);
+    if ((size_t)r < batch)
+      break; /* the socket buffer is full */
+  }
+  if (c->outq.count == 0) {
+    queue_drained(c);
+    return;
+  }
+  /* The rest goes as one asynchronous write; its completion continues here. */
+  unsigned n = arq_outq_peek(&c->outq, 0, iov, MAX_IOV);
+  size_t bytes = 0;
+  for (unsigned i = 0; i < n; i++)
+    bytes += iov[i].len;
+  c->wreq.data = c;
+  if (uv_write(&c->wreq, (uv_stream_t *)&c->tcp, iov, n, on_write) != 0) {
+    arq_conn_destroy(c, ARQ_CLOSE_IO_ERROR);
+    return;
+  }
+  c->writing = true;
+  c->inflight = n;
+  c->inflight_bytes = bytes;
+  c->write_at = now_ms(c);
+  arq_list_push_back(&c->srv->writing, &c->node_write);
+}
+
+/* Queues 'buf' (one reference taken over) whatever the queue limit. */
+static void push(arq_conn_t *c, arq_rcbuf_t *buf) {
+  arq_outq_push(&c->outq, buf);
+  arq_server_want_flush(c->srv, c);
+}
+
+static void push_frame(arq_conn_t *c, uint8_t opcode, const uint8_t *payload, size_t len) {
+  push(c, arq_ws_frame_new(opcode, payload, len));
+}
+
+static void slow_consumer(arq_conn_t *c) {
+  arq_server_t *srv = c->srv;
+  srv->metrics.slow_consumer_closes++;
+  arq_log(ARQ_LOG_WARN, "net", "slow consumer closed", ARQ_LI("conn", c->id), ARQ_LS("remote", c->remote),
+          ARQ_LI("queued_bytes", c->outq.bytes));
+  /* What is not already being written is dropped so the close frame can
+   * follow right behind the write in flight. */
+  arq_outq_truncate(&c->outq, c->writing ? c->inflight : 0);
+  arq_conn_close(c, ARQ_WS_CLOSE_POLICY, "slow_consumer", ARQ_CLOSE_SLOW_CONSUMER);
+}
+
+bool arq_conn_send(arq_conn_t *c, arq_rcbuf_t *buf) {
+  if (c->state != ARQ_CONN_OPEN)
+    return false;
+  const arq_config_t *cfg = c->srv->cfg;
+  if (c->outq.bytes > 0 && c->outq.bytes + buf->len > cfg->max_outbound_queue) {
+    slow_consumer(c);
+    return false;
+  }
+  push(c, arq_rcbuf_ref(buf));
+  return true;
+}
+
+/* ---- closing ------------------------------------------------------------ */
+
+static void start_closing(arq_conn_t *c, arq_close_reason_t reason) {
+  arq_server_t *srv = c->srv;
+  if (c->state == ARQ_CONN_HANDSHAKE)
+    srv->npending--;
+  c->state = ARQ_CONN_CLOSING;
+  c->reason = (uint8_t)reason;
+  unlink_all_timers(c);
+  arq_list_remove(&c->node_open);
+  c->deadline = now_ms(c) + srv->cfg->close_timeout_ms;
+  arq_list_push_back(&srv->closing, &c->node_deadline);
+}
+
+void arq_conn_close(arq_conn_t *c, uint16_t code, const char *why, arq_close_reason_t reason) {
+  if (c->state != ARQ_CONN_OPEN)
+    return;
+  uint8_t payload[ARQ_WS_MAX_CONTROL];
+  size_t n = arq_ws_close_payload(payload, code, why);
+  c->close_sent = true;
+  push_frame(c, ARQ_WS_OP_CLOSE, payload, n);
+  start_closing(c, reason);
+  arq_log(reason == ARQ_CLOSE_NORMAL || reason == ARQ_CLOSE_SHUTDOWN ? ARQ_LOG_DEBUG : ARQ_LOG_INFO, "net",
+          "closing connection", ARQ_LI("conn", c->id), ARQ_LS("remote", c->remote), ARQ_LI("code", code),
+          ARQ_LS("why", why));
+}
+
+void arq_conn_http_reply(arq_conn_t *c, int status, const char *content_type, const char *extra_headers,
+                         const char *body, size_t body_len, arq_close_reason_t reason) {
+  if (c->state != ARQ_CONN_HANDSHAKE)
+    return;
+  char head[512];
+  size_t hl = arq_http_response(head, sizeof head, status, content_type, extra_headers, NULL, body_len);
+  arq_rcbuf_t *b = arq_rcbuf_new(hl + body_len);
+  memcpy(b->data, head, hl);
+  if (body_len)
+    memcpy(b->data + hl, body, body_len);
+  push(c, b);
+  c->input_done = true;
+  start_closing(c, reason);
+}
+
+static void refuse_upgrade(arq_conn_t *c, int status, const char *why) {
+  arq_ws_upgrade_t up = {.status = status, .errstr = why};
+  char resp[512];
+  size_t n = arq_ws_upgrade_response(&up, NULL, resp, sizeof resp);
+  arq_rcbuf_t *b = arq_rcbuf_new(n);
+  memcpy(b->data, resp, n);
+  push(c, b);
+  c->input_done = true;
+  arq_metrics_handshake_error(&c->srv->metrics, status);
+  arq_log(ARQ_LOG_INFO, "net", "handshake refused", ARQ_LI("conn", c->id), ARQ_LS("remote", c->remote),
+          ARQ_LS("port", port_names[c->kind]), ARQ_LI("status", status), ARQ_LS("why", why));
+  start_closing(c, status == 408 ? ARQ_CLOSE_HANDSHAKE_TIMEOUT : ARQ_CLOSE_HANDSHAKE_FAILED);
+}
+
+void arq_conn_handshake_expired(arq_conn_t *c) {
+  if (c->kind == ARQ_PORT_OPS) {
+    arq_conn_destroy(c, ARQ_CLOSE_HANDSHAKE_TIMEOUT);
+    return;
+  }
+  refuse_upgrade(c, 408, "the handshake took too long");
+}
+
+/* ---- heartbeat ---------------------------------------------------------- */
+
+void arq_conn_ping(arq_conn_t *c, uint64_t now) {
+  arq_server_t *srv = c->srv;
+  if (c->awaiting_pong && now >= c->pong_at + srv->cfg->heartbeat_timeout_ms) {
+    arq_log(ARQ_LOG_INFO, "net", "heartbeat timeout", ARQ_LI("conn", c->id), ARQ_LS("remote", c->remote));
+    arq_conn_close(c, ARQ_WS_CLOSE_INTERNAL, "heartbeat timeout", ARQ_CLOSE_HEARTBEAT_TIMEOUT);
+    return;
+  }
+  /* The payload is the send time, which lets a client measure round trips. */
+  uint8_t stamp[8];
+  for (int i = 0; i < 8; i++)
+    stamp[i] = (uint8_t)(now >> (56 - 8 * i));
+  push_frame(c, ARQ_WS_OP_PING, stamp, sizeof stamp);
+  c->ping_at = now;
+  arq_list_move_back(&srv->ping_due, &c->node_ping);
+  if (!c->awaiting_pong) {
+    c->awaiting_pong = true;
+    c->pong_at = now;
+    arq_list_push_back(&srv->pong_wait, &c->node_pong);
+  }
+}
+
+void arq_conn_write_stalled(arq_conn_t *c) {
+  arq_list_remove(&c->node_write);
+  if (c->state == ARQ_CONN_OPEN)
+    slow_consumer(c);
+}
+
+/* ---- reading ------------------------------------------------------------ */
+
+static void protocol_error(arq_conn_t *c, uint16_t code, const char *why) {
+  arq_metrics_protocol_error(&c->srv->metrics, code);
+  arq_log(ARQ_LOG_WARN, "net", "protocol violation", ARQ_LI("conn", c->id), ARQ_LS("remote", c->remote),
+          ARQ_LI("code", code), ARQ_LS("why", why));
+  c->input_done = true;
+  arq_conn_close(c, code, why, ARQ_CLOSE_PROTOCOL_ERROR);
+}
+
+static void on_message(arq_conn_t *c, const arq_ws_msg_t *m) {
+  switch (m->opcode) {
+  case ARQ_WS_OP_TEXT:
+  case ARQ_WS_OP_BINARY:
+    if (c->state != ARQ_CONN_OPEN)
+      return; /* closing: data is no longer routed */
+    c->srv->metrics.messages_received++;
+    if (c->kind == ARQ_PORT_BUS)
+      arq_server_broadcast(c->srv, c, m->opcode, m->data, m->len);
+    return;
+  case ARQ_WS_OP_PING:
+    if (!c->close_sent)
+      push_frame(c, ARQ_WS_OP_PONG, m->data, m->len);
+    return;
+  case ARQ_WS_OP_PONG:
+    if (c->awaiting_pong) {
+      c->awaiting_pong = false;
+      arq_list_remove(&c->node_pong);
+    }
+    return;
+  case ARQ_WS_OP_CLOSE:
+    c->input_done = true;
+    if (c->state == ARQ_CONN_OPEN) {
+      /* Echo the peer's code, as RFC 6455 section 5.5.1 suggests. */
+      uint8_t payload[2];
+      size_t n = 0;
+      if (m->close_code != ARQ_WS_CLOSE_NO_STATUS) {
+        payload[0] = (uint8_t)(m->close_code >> 8);
+        payload[1] = (uint8_t)m->close_code;
+        n = 2;
+      }
+      c->close_sent = true;
+      push_frame(c, ARQ_WS_OP_CLOSE, payload, n);
+      start_closing(c, ARQ_CLOSE_NORMAL);
+    }
+    return;
+  default:
+    return;
+  }
+}
+
+static void read_frames(arq_conn_t *c, uint8_t *data, size_t n) {
+  while (n > 0 && !c->input_done && c->state != ARQ_CONN_CLOSED) {
+    size_t used;
+    arq_ws_msg_t m;
+    int rc = arq_ws_decode(&c->dec, data, n, &used, &m);
+    data += used;
+    n -= used;
+    if (rc == ARQ_AGAIN)
+      return;
+    if (rc < 0) {
+      protocol_error(c, c->dec.close_code, c->dec.errstr);
+      return;
+    }
+    on_message(c, &m);
+  }
+}
+
+static void open_websocket(arq_conn_t *c) {
+  arq_server_t *srv = c->srv;
+  arq_http_req_free(c->req);
+  arq_free(c->req);
+  c->req = NULL;
+  arq_list_remove(&c->node_deadline);
+  srv->npending--;
+  c->state = ARQ_CONN_OPEN;
+  c->opened = true;
+  srv->nws++;
+  srv->metrics.connections++;
+  srv->metrics.connections_opened++;
+  arq_ws_decoder_init(&c->dec, srv->cfg->max_message_size, true);
+  if (srv->cfg->heartbeat_interval_ms > 0) {
+    c->ping_at = now_ms(c);
+    arq_list_push_back(&srv->ping_due, &c->node_ping);
+  }
+  if (c->kind == ARQ_PORT_BUS)
+    arq_list_push_back(&srv->bus_open, &c->node_open);
+  arq_log(ARQ_LOG_INFO, "net", "client connected", ARQ_LI("conn", c->id), ARQ_LS("remote", c->remote),
+          ARQ_LS("port", port_names[c->kind]));
+}
+
+static void read_handshake(arq_conn_t *c, uint8_t *data, size_t n) {
+  arq_server_t *srv = c->srv;
+  size_t used = 0;
+  int rc = arq_http_req_feed(c->req, (const char *)data, n, &used);
+  if (rc == ARQ_AGAIN)
+    return;
+  if (rc < 0) {
+    if (c->kind == ARQ_PORT_OPS) {
+      srv->metrics.http_requests++;
+      const char *why = c->req->errstr;
+      arq_conn_http_reply(c, c->req->status, "text/plain; charset=utf-8", NULL, why, strlen(why),
+                          ARQ_CLOSE_HANDSHAKE_FAILED);
+    } else {
+      refuse_upgrade(c, c->req->status, c->req->errstr);
+    }
+    return;
+  }
+  if (c->kind == ARQ_PORT_OPS) {
+    arq_ops_handle(c, c->req);
+    return;
+  }
+  arq_ws_upgrade_t up;
+  if (arq_ws_upgrade_check(c->req, &up) != 0) {
+    refuse_upgrade(c, up.status, up.errstr);
+    return;
+  }
+  if (srv->draining) {
+    refuse_upgrade(c, 503, "the server is shutting down");
+    return;
+  }
+  if (srv->nws >= srv->cfg->max_connections) {
+    refuse_upgrade(c, 503, "connection limit reached");
+    return;
+  }
+  char resp[256];
+  size_t rn = arq_ws_upgrade_response(&up, NULL, resp, sizeof resp);
+  arq_rcbuf_t *b = arq_rcbuf_new(rn);
+  memcpy(b->data, resp, rn);
+  push(c, b);
+  open_websocket(c);
+  /* A client may send frames right behind its request. */
+  read_frames(c, data + used, n - used);
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  arq_conn_t *c = (arq_conn_t *)h;
+  *buf = uv_buf_init((char *)c->srv->rbuf, sizeof c->srv->rbuf);
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  arq_conn_t *c = (arq_conn_t *)s;
+  if (nread == 0 || c->state == ARQ_CONN_CLOSED)
+    return;
+  if (nread < 0) {
+    /* EOF ends a closing connection normally; otherwise the peer vanished. */
+    arq_conn_destroy(c, nread == UV_EOF ? ARQ_CLOSE_PEER_GONE : ARQ_CLOSE_IO_ERROR);
+    return;
+  }
+  uint8_t *data = (uint8_t *)buf->base;
+  size_t n = (size_t)nread;
+  if (c->opened)
+    c->srv->metrics.bytes_in += n;
+  if (c->input_done)
+    return; /* lingering close: discard */
+  if (c->state == ARQ_CONN_HANDSHAKE)
+    read_handshake(c, data, n);
+  else
+    read_frames(c, data, n);
+}
+
+/* ---- accepting ---------------------------------------------------------- */
+
+static void format_peer(arq_conn_t *c) {
+  struct sockaddr_storage ss;
+  int len = sizeof ss;
+  char ip[INET6_ADDRSTRLEN] = "?";
+  int port = 0;
+  if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &len) == 0) {
+    if (ss.ss_family == AF_INET6) {
+      uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof ip);
+      port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+    } else {
+      uv_ip4_name((struct sockaddr_in *)&ss, ip, sizeof ip);
+      port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    }
+  }
+  snprintf(c->remote, sizeof c->remote, "%s:%d", ip, port);
+}
+
+static void on_reject_closed(uv_handle_t *h) { arq_free(h); }
+
+void arq_conn_accept(arq_listener_t *l) {
+  arq_server_t *srv = l->srv;
+  arq_conn_t *c = arq_calloc(1, sizeof(*c));
+  c->srv = srv;
+  c->kind = (uint8_t)l->kind;
+  arq_list_init(&c->node_all);
+  arq_list_init(&c->node_open);
+  arq_list_init(&c->node_deadline);
+  arq_list_init(&c->node_ping);
+  arq_list_init(&c->node_pong);
+  arq_list_init(&c->node_write);
+  arq_list_init(&c->node_flush);
+  uv_tcp_init(srv->loop, &c->tcp);
+  int rc = uv_accept((uv_stream_t *)&l->tcp, (uv_stream_t *)&c->tcp);
+  if (rc != 0 || srv->draining || srv->npending >= srv->max_pending) {
+    if (rc != 0)
+      arq_log(ARQ_LOG_WARN, "net", "accept failed", ARQ_LS("error", uv_strerror(rc)));
+    else
+      arq_log(ARQ_LOG_WARN, "net", "connection dropped: too many handshakes in progress",
+              ARQ_LI("pending", srv->npending));
+    uv_close((uv_handle_t *)&c->tcp, on_reject_closed);
+    return;
+  }
+  c->id = ++srv->next_conn_id;
+  c->state = ARQ_CONN_HANDSHAKE;
+  uv_tcp_nodelay(&c->tcp, 1);
+  format_peer(c);
+  c->req = arq_malloc(sizeof(*c->req));
+  arq_http_req_init(c->req, srv->cfg->max_header_size);
+  arq_ws_decoder_init(&c->dec, srv->cfg->max_message_size, true);
+  srv->nconns++;
+  srv->npending++;
+  arq_list_push_back(&srv->conns, &c->node_all);
+  c->deadline = now_ms(c) + srv->cfg->handshake_timeout_ms;
+  arq_list_push_back(&srv->handshaking, &c->node_deadline);
+  rc = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+  if (rc != 0)
+    arq_conn_destroy(c, ARQ_CLOSE_IO_ERROR);
+}

@@ -1,0 +1,256 @@
+/* The server: listeners, the deadline tick, the end-of-iteration flush,
+ * signals and the graceful shutdown (see server.h).
+ *
+ * Flushing once per loop iteration is what makes fan-out cheap: every
+ * message routed while the loop processed this iteration's reads is queued
+ * first, then each touched connection writes all of it with one writev.
+ */
+#include "net/server.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#include "net/conn.h"
+#include "obs/log.h"
+#include "util/err.h"
+#include "util/time.h"
+#include "wire/frame.h"
+
+#define TICK_MS 100
+
+static const char *const port_names[ARQ_PORT_COUNT] = {"bus", "telemetry", "ops"};
+
+static void on_idle(uv_idle_t *h) {} /* only keeps poll from blocking */
+
+void arq_server_want_flush(arq_server_t *srv, arq_conn_t *c) {
+  if (arq_list_linked(&c->node_flush))
+    return;
+  if (arq_list_empty(&srv->flush_pending))
+    uv_idle_start(&srv->flush_idle, on_idle);
+  arq_list_push_back(&srv->flush_pending, &c->node_flush);
+}
+
+static void flush_all(arq_server_t *srv) {
+  arq_list_t *n;
+  while ((n = arq_list_head(&srv->flush_pending)) != NULL)
+    arq_conn_flush(ARQ_CONTAINER_OF(n, arq_conn_t, node_flush)); /* unlinks it */
+  uv_idle_stop(&srv->flush_idle);
+}
+
+static void on_check(uv_check_t *h) { flush_all(h->data); }
+
+void arq_server_broadcast(arq_server_t *srv, arq_conn_t *from, uint8_t opcode, const uint8_t *data, size_t len) {
+  arq_rcbuf_t *frame = arq_ws_frame_new(opcode, data, len);
+  arq_list_t *pos, *tmp;
+  arq_list_foreach_safe(pos, tmp, &srv->bus_open) {
+    arq_conn_t *c = ARQ_CONTAINER_OF(pos, arq_conn_t, node_open);
+    if (arq_conn_send(c, frame))
+      srv->metrics.messages_delivered++;
+  }
+  arq_rcbuf_unref(frame);
+}
+
+/* Deadlines: each queue shares one timeout, so its head is the first due. */
+static void on_tick(uv_timer_t *t) {
+  arq_server_t *srv = t->data;
+  const arq_config_t *cfg = srv->cfg;
+  uint64_t now = uv_now(srv->loop);
+  arq_list_t *n;
+  while ((n = arq_list_head(&srv->handshaking)) != NULL) {
+    arq_conn_t *c = ARQ_CONTAINER_OF(n, arq_conn_t, node_deadline);
+    if (c->deadline > now)
+      break;
+    arq_conn_handshake_expired(c); /* moves it to 'closing' or closes it */
+  }
+  while ((n = arq_list_head(&srv->closing)) != NULL) {
+    arq_conn_t *c = ARQ_CONTAINER_OF(n, arq_conn_t, node_deadline);
+    if (c->deadline > now)
+      break;
+    arq_conn_destroy(c, (arq_close_reason_t)c->reason);
+  }
+  while ((n = arq_list_head(&srv->pong_wait)) != NULL) {
+    arq_conn_t *c = ARQ_CONTAINER_OF(n, arq_conn_t, node_pong);
+    if (c->pong_at + cfg->heartbeat_timeout_ms > now)
+      break;
+    arq_conn_ping(c, now); /* closes it: the pong is overdue */
+  }
+  while ((n = arq_list_head(&srv->ping_due)) != NULL) {
+    arq_conn_t *c = ARQ_CONTAINER_OF(n, arq_conn_t, node_ping);
+    if (c->ping_at + cfg->heartbeat_interval_ms > now)
+      break;
+    arq_conn_ping(c, now); /* moves it to the tail */
+  }
+  while ((n = arq_list_head(&srv->writing)) != NULL) {
+    arq_conn_t *c = ARQ_CONTAINER_OF(n, arq_conn_t, node_write);
+    if (c->write_at + cfg->write_timeout_ms > now)
+      break;
+    arq_conn_write_stalled(c); /* unlinks it */
+  }
+  flush_all(srv);
+}
+
+static void on_connection(uv_stream_t *s, int status) {
+  arq_listener_t *l = (arq_listener_t *)s;
+  if (status < 0) {
+    arq_log(ARQ_LOG_WARN, "net", "accept error", ARQ_LS("port", port_names[l->kind]),
+            ARQ_LS("error", uv_strerror(status)));
+    return;
+  }
+  arq_conn_accept(l);
+}
+
+static int resolve(const char *host, int port, struct sockaddr_storage *ss) {
+  if (uv_ip4_addr(host, port, (struct sockaddr_in *)ss) == 0)
+    return 0;
+  if (uv_ip6_addr(host, port, (struct sockaddr_in6 *)ss) == 0)
+    return 0;
+  return ARQ_EINVAL;
+}
+
+static int listen_on(arq_server_t *srv, arq_listener_t *l, arq_port_kind_t kind, int port, char *err, size_t cap) {
+  struct sockaddr_storage ss;
+  l->srv = srv;
+  l->kind = kind;
+  l->port = port;
+  if (resolve(srv->cfg->host, port, &ss) != 0) {
+    snprintf(err, cap, "config: invalid value '%s' for host: not an IPv4 or IPv6 address", srv->cfg->host);
+    return ARQ_EINVAL;
+  }
+  uv_tcp_init(srv->loop, &l->tcp);
+  l->active = true;
+  int rc = uv_tcp_bind(&l->tcp, (struct sockaddr *)&ss, 0);
+  if (rc == 0)
+    rc = uv_listen((uv_stream_t *)&l->tcp, 1024, on_connection);
+  if (rc != 0) {
+    const char *key = kind == ARQ_PORT_BUS ? "port" : kind == ARQ_PORT_TELEMETRY ? "telemetry_port" : "http_port";
+    if (rc == UV_EADDRINUSE)
+      snprintf(err, cap, "%s %d is already in use (%s:%d)", key, port, srv->cfg->host, port);
+    else
+      snprintf(err, cap, "cannot listen on %s %d (%s:%d): %s", key, port, srv->cfg->host, port, uv_strerror(rc));
+    return rc == UV_EADDRINUSE ? ARQ_EADDRINUSE : ARQ_EIO;
+  }
+  return 0;
+}
+
+static void on_signal(uv_signal_t *s, int signum) {
+  arq_server_t *srv = s->data;
+  if (srv->draining) {
+    arq_log(ARQ_LOG_WARN, "server", "second signal: closing everything now", ARQ_LI("signal", signum));
+    arq_server_close(srv);
+    return;
+  }
+  arq_log(ARQ_LOG_INFO, "server", "shutting down", ARQ_LS("signal", signum == SIGINT ? "SIGINT" : "SIGTERM"),
+          ARQ_LI("connections", srv->nws), ARQ_LI("drain_timeout_ms", srv->cfg->drain_timeout_ms));
+  arq_server_shutdown(srv);
+}
+
+int arq_server_start(arq_server_t *srv, uv_loop_t *loop, const arq_config_t *cfg, char *err, size_t cap) {
+  memset(srv, 0, offsetof(arq_server_t, rbuf));
+  srv->loop = loop;
+  srv->cfg = cfg;
+  srv->metrics.start_time_ms = arq_time_wall_ms();
+  srv->max_pending = cfg->max_connections / 4 + 64;
+  arq_list_init(&srv->conns);
+  arq_list_init(&srv->bus_open);
+  arq_list_init(&srv->handshaking);
+  arq_list_init(&srv->closing);
+  arq_list_init(&srv->ping_due);
+  arq_list_init(&srv->pong_wait);
+  arq_list_init(&srv->writing);
+  arq_list_init(&srv->flush_pending);
+
+  uv_timer_init(loop, &srv->tick);
+  srv->tick.data = srv;
+  uv_check_init(loop, &srv->flush_check);
+  srv->flush_check.data = srv;
+  uv_idle_init(loop, &srv->flush_idle);
+  srv->flush_idle.data = srv;
+  uv_timer_init(loop, &srv->drain_timer);
+  srv->drain_timer.data = srv;
+  uv_signal_init(loop, &srv->sigint);
+  srv->sigint.data = srv;
+  uv_signal_init(loop, &srv->sigterm);
+  srv->sigterm.data = srv;
+
+  int ports[ARQ_PORT_COUNT] = {cfg->port, cfg->telemetry_port, cfg->http_port};
+  for (int i = 0; i < ARQ_PORT_COUNT; i++) {
+    int rc = listen_on(srv, &srv->listeners[i], (arq_port_kind_t)i, ports[i], err, cap);
+    if (rc != 0)
+      return rc;
+  }
+  uv_timer_start(&srv->tick, on_tick, TICK_MS, TICK_MS);
+  uv_check_start(&srv->flush_check, on_check);
+  uv_signal_start(&srv->sigint, on_signal, SIGINT);
+  uv_signal_start(&srv->sigterm, on_signal, SIGTERM);
+  return 0;
+}
+
+static void close_handle(uv_handle_t *h) {
+  if (h->type != UV_UNKNOWN_HANDLE && !uv_is_closing(h))
+    uv_close(h, NULL);
+}
+
+/* Closes the server's own handles; uv_run() returns once they and every
+ * connection are closed. */
+static void close_own_handles(arq_server_t *srv) {
+  if (srv->stopped)
+    return;
+  srv->stopped = true;
+  for (int i = 0; i < ARQ_PORT_COUNT; i++)
+    if (srv->listeners[i].active)
+      close_handle((uv_handle_t *)&srv->listeners[i].tcp);
+  close_handle((uv_handle_t *)&srv->tick);
+  close_handle((uv_handle_t *)&srv->flush_check);
+  close_handle((uv_handle_t *)&srv->flush_idle);
+  close_handle((uv_handle_t *)&srv->drain_timer);
+  close_handle((uv_handle_t *)&srv->sigint);
+  close_handle((uv_handle_t *)&srv->sigterm);
+}
+
+void arq_server_conn_gone(arq_server_t *srv) {
+  srv->nconns--;
+  if (srv->draining && srv->nconns == 0)
+    close_own_handles(srv);
+}
+
+static void on_drain_timeout(uv_timer_t *t) {
+  arq_server_t *srv = t->data;
+  arq_log(ARQ_LOG_WARN, "server", "drain timeout: closing the remaining connections",
+          ARQ_LI("connections", srv->nconns));
+  arq_server_close(srv);
+}
+
+void arq_server_shutdown(arq_server_t *srv) {
+  if (srv->draining)
+    return;
+  srv->draining = true;
+  for (int i = 0; i < ARQ_PORT_COUNT; i++) {
+    if (srv->listeners[i].active) {
+      close_handle((uv_handle_t *)&srv->listeners[i].tcp);
+      srv->listeners[i].active = false;
+    }
+  }
+  arq_list_t *pos, *tmp;
+  arq_list_foreach_safe(pos, tmp, &srv->conns) {
+    arq_conn_t *c = ARQ_CONTAINER_OF(pos, arq_conn_t, node_all);
+    if (c->state == ARQ_CONN_OPEN)
+      arq_conn_close(c, ARQ_WS_CLOSE_GOING_AWAY, "server shutting down", ARQ_CLOSE_SHUTDOWN);
+    else if (c->state == ARQ_CONN_HANDSHAKE)
+      arq_conn_destroy(c, ARQ_CLOSE_SHUTDOWN);
+  }
+  if (srv->nconns == 0) {
+    close_own_handles(srv);
+    return;
+  }
+  uv_timer_start(&srv->drain_timer, on_drain_timeout, srv->cfg->drain_timeout_ms, 0);
+}
+
+void arq_server_close(arq_server_t *srv) {
+  srv->draining = true;
+  arq_list_t *pos, *tmp;
+  arq_list_foreach_safe(pos, tmp, &srv->conns) {
+    arq_conn_t *c = ARQ_CONTAINER_OF(pos, arq_conn_t, node_all);
+    arq_conn_destroy(c, ARQ_CLOSE_SHUTDOWN);
+  }
+  close_own_handles(srv);
+}

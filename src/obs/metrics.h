@@ -1,0 +1,54 @@
+/* The server's counters and their Prometheus text exposition.
+ *
+ * Plain integers in one struct, bumped on the loop thread: the cheapest thing
+ * that can be counted on the hot path. Labelled families are small fixed
+ * arrays indexed by an enum. arq_metrics_render() writes the text format
+ * (version 0.0.4) that GET /metrics serves.
+ */
+#ifndef ARQ_OBS_METRICS_H
+#define ARQ_OBS_METRICS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Why a connection ended; the label of arqonbus_connections_closed_total. */
+typedef enum {
+  ARQ_CLOSE_NORMAL = 0,        /* close handshake the client started */
+  ARQ_CLOSE_SHUTDOWN,          /* the server is stopping (1001) */
+  ARQ_CLOSE_PROTOCOL_ERROR,    /* 1002, 1007 or 1009 */
+  ARQ_CLOSE_SLOW_CONSUMER,     /* 1008 slow_consumer */
+  ARQ_CLOSE_HEARTBEAT_TIMEOUT, /* no pong in time */
+  ARQ_CLOSE_HANDSHAKE_FAILED,  /* HTTP error answered to the upgrade */
+  ARQ_CLOSE_HANDSHAKE_TIMEOUT, /* upgrade not complete in time */
+  ARQ_CLOSE_PEER_GONE,         /* TCP ended without a close handshake */
+  ARQ_CLOSE_IO_ERROR,          /* read or write failed */
+  ARQ_CLOSE_REASON_COUNT
+} arq_close_reason_t;
+
+typedef struct arq_metrics {
+  uint64_t start_time_ms;              /* wall clock at start */
+  int64_t connections;                 /* open WebSocket connections (gauge) */
+  uint64_t connections_opened;         /* WebSocket handshakes completed */
+  uint64_t connections_closed[ARQ_CLOSE_REASON_COUNT];
+  uint64_t protocol_errors[3];         /* by close code 1002, 1007, 1009 */
+  uint64_t handshake_errors[6];        /* by status 400, 405, 426, 431, 503, 408 */
+  uint64_t slow_consumer_closes;
+  uint64_t messages_received;          /* data messages from clients */
+  uint64_t messages_delivered;         /* data messages queued to clients */
+  uint64_t bytes_in;
+  uint64_t bytes_out;
+  uint64_t http_requests;              /* ops port */
+} arq_metrics_t;
+
+/* Counts a protocol violation by its close 'code' (1002, 1007 or 1009). */
+void arq_metrics_protocol_error(arq_metrics_t *m, uint16_t code);
+/* Counts a refused handshake by its HTTP 'status'. */
+void arq_metrics_handshake_error(arq_metrics_t *m, int status);
+/* Returns the label value of 'reason' ("slow_consumer"). */
+const char *arq_close_reason_name(arq_close_reason_t reason);
+
+/* Writes the exposition of 'm' into 'out' ('cap' bytes). Returns the length,
+ * or 0 when 'cap' is too small. */
+size_t arq_metrics_render(const arq_metrics_t *m, char *out, size_t cap);
+
+#endif
