@@ -1,1 +1,733 @@
-int arq_placeholder_(void); int arq_placeholder_(void){return 0;}
+/* Server configuration (see config.h).
+ *
+ * One row of 'settings' per setting drives every source: the YAML key is the
+ * row's key, the environment variable is ARQONBUS_ plus the key in upper case
+ * and the flag is -- plus the key with '-' for '_'. The same parser checks a
+ * value whatever its source, so a value means the same thing in the file, the
+ * environment and on the command line, and every error names the key and
+ * where the value came from.
+ *
+ * arq_config_load() works in passes so that later sources override earlier
+ * ones while the file itself can be named by a flag or a variable:
+ *
+ *   1. argv, looking only for --help and --version (they win over any error);
+ *   2. argv, checking its shape and finding --config;
+ *   3. envp, checking the names and finding ARQONBUS_CONFIG;
+ *   4. the YAML file; 5. envp values; 6. flag values; 7. cross-field checks.
+ */
+#include "config.h"
+
+#include <arpa/inet.h>
+#include <assert.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <yaml.h>
+
+#include "obs/log.h"
+#include "util/alloc.h"
+#include "util/err.h"
+
+#define KIB (UINT64_C(1) << 10)
+#define MIB (UINT64_C(1) << 20)
+#define GIB (UINT64_C(1) << 30)
+#define SEC UINT64_C(1000)
+#define MIN (60 * SEC)
+
+#define ENV_PREFIX "ARQONBUS_"
+#define ENV_CONFIG "ARQONBUS_CONFIG"
+
+typedef enum {
+  T_ADDR,     /* char *: an IPv4 or IPv6 address */
+  T_PORT,     /* int: 1-65535 */
+  T_COUNT,    /* uint64_t: a plain number within min..max */
+  T_SIZE,     /* uint64_t: bytes, with an optional unit */
+  T_DURATION, /* uint64_t: milliseconds; the text has a unit, or is seconds */
+  T_LOGLEVEL, /* int: ARQ_LOG_* */
+  T_LOGFMT,   /* arq_logfmt_t */
+} kind_t;
+
+typedef struct setting {
+  const char *key;
+  kind_t kind;
+  size_t offset; /* of the field in arq_config_t */
+  uint64_t min, max;
+  const char *def; /* default, in the syntax a user would write */
+  const char *meaning;
+} setting_t;
+
+/* Field offsets that fail to compile when the field does not have the type the
+ * row's kind stores through (comparing distinct pointer types is an error
+ * under -Werror). */
+#define FIELD(f, type) (offsetof(arq_config_t, f) + 0 * sizeof(&((arq_config_t *)0)->f == (type *)0))
+#define STR(f) FIELD(f, char *)
+#define INT(f) FIELD(f, int)
+#define U64(f) FIELD(f, uint64_t)
+#define FMT(f) FIELD(f, arq_logfmt_t)
+
+/* The order is the order of --help and of docs/configuration.md. */
+static const setting_t settings[] = {
+    {"host", T_ADDR, STR(host), 0, 0, "127.0.0.1",
+     "address the three listeners bind to (0.0.0.0 or :: for every interface)"},
+    {"port", T_PORT, INT(port), 1, 65535, "9100", "port of the WebSocket bus"},
+    {"telemetry_port", T_PORT, INT(telemetry_port), 1, 65535, "9101", "port of the telemetry WebSocket server"},
+    {"http_port", T_PORT, INT(http_port), 1, 65535, "9102", "port of the HTTP ops endpoints (/health, /version, /metrics)"},
+    {"log_level", T_LOGLEVEL, INT(log_level), 0, 0, "info", "least severe log level written: debug, info, warn, error or off"},
+    {"log_format", T_LOGFMT, FMT(log_format), 0, 0, "logfmt", "log line format: logfmt or json"},
+    {"max_message_size", T_SIZE, U64(max_message_size), 125, 64 * MIB, "1MiB",
+     "largest WebSocket message a client may send; larger ones close with 1009"},
+    {"max_header_size", T_SIZE, U64(max_header_size), 1 * KIB, 64 * KIB, "8KiB",
+     "largest HTTP request head; larger ones are refused with 431"},
+    {"handshake_timeout", T_DURATION, U64(handshake_timeout_ms), 1, 60 * MIN, "10s",
+     "time a new connection has to complete its opening handshake (else 408)"},
+    {"heartbeat_interval", T_DURATION, U64(heartbeat_interval_ms), 0, 60 * MIN, "25s",
+     "how often the server pings each WebSocket client; 0 disables pings"},
+    {"heartbeat_timeout", T_DURATION, U64(heartbeat_timeout_ms), 0, 60 * MIN, "10s",
+     "how long a ping may go unanswered before the client is closed with 1011"},
+    {"close_timeout", T_DURATION, U64(close_timeout_ms), 0, 60 * MIN, "2s",
+     "how long the server waits for the client to close after its close frame"},
+    {"max_connections", T_COUNT, U64(max_connections), 1, 1000000, "10000",
+     "most WebSocket connections open at once, all ports together (then 503)"},
+    {"max_outbound_queue", T_SIZE, U64(max_outbound_queue), 64 * KIB, 1 * GIB, "1MiB",
+     "most bytes queued to one client before it is closed as a slow consumer"},
+    {"write_timeout", T_DURATION, U64(write_timeout_ms), 1, 60 * MIN, "10s",
+     "how long a write to a client may make no progress before it is closed"},
+    {"drain_timeout", T_DURATION, U64(drain_timeout_ms), 0, 60 * MIN, "5s",
+     "how long a graceful shutdown waits for clients before dropping them"},
+};
+
+#define NSETTINGS (sizeof settings / sizeof settings[0])
+
+typedef struct unit {
+  const char *name;
+  uint64_t scale;
+} unit_t;
+
+static const unit_t size_units[] = {{"", 1},    {"B", 1},   {"KiB", KIB}, {"MiB", MIB}, {"GiB", GIB},
+                                    {"k", KIB}, {"K", KIB}, {"M", MIB},   {"G", GIB},   {NULL, 0}};
+/* A bare number is seconds, as in most server configuration files. */
+static const unit_t duration_units[] = {{"", SEC}, {"ms", 1}, {"s", SEC}, {"m", MIN}, {NULL, 0}};
+
+/* ---- names -------------------------------------------------------------- */
+
+/* Writes 'prefix' and then the key of 's' into 'buf', either upper-cased
+ * (the environment variable) or with '-' for '_' (the flag). */
+static const char *derive_name(const setting_t *s, const char *prefix, bool env, char *buf, size_t cap) {
+  size_t n = 0;
+  for (const char *p = prefix; *p != '\0' && n + 1 < cap; p++)
+    buf[n++] = *p;
+  for (const char *k = s->key; *k != '\0' && n + 1 < cap; k++)
+    buf[n++] = env ? (char)(*k >= 'a' && *k <= 'z' ? *k - 'a' + 'A' : *k) : *k == '_' ? '-' : *k;
+  buf[n] = '\0';
+  return buf;
+}
+
+static const char *env_name(const setting_t *s, char *buf, size_t cap) {
+  return derive_name(s, ENV_PREFIX, true, buf, cap);
+}
+
+static const char *flag_name(const setting_t *s, char *buf, size_t cap) {
+  return derive_name(s, "--", false, buf, cap);
+}
+
+static const setting_t *find_key(const char *key, size_t n) {
+  for (size_t i = 0; i < NSETTINGS; i++)
+    if (strlen(settings[i].key) == n && memcmp(settings[i].key, key, n) == 0)
+      return &settings[i];
+  return NULL;
+}
+
+/* Finds the setting whose flag, without its "--", is the 'n' bytes at 'name'. */
+static const setting_t *find_flag(const char *name, size_t n) {
+  for (size_t i = 0; i < NSETTINGS; i++) {
+    const char *k = settings[i].key;
+    if (strlen(k) != n)
+      continue;
+    size_t j = 0;
+    while (j < n && (k[j] == '_' ? name[j] == '-' : name[j] == k[j]))
+      j++;
+    if (j == n)
+      return &settings[i];
+  }
+  return NULL;
+}
+
+/* Finds the setting of the variable named by the 'n' bytes at 'name'. */
+static const setting_t *find_env(const char *name, size_t n) {
+  char buf[64];
+  for (size_t i = 0; i < NSETTINGS; i++) {
+    env_name(&settings[i], buf, sizeof buf);
+    if (strlen(buf) == n && memcmp(buf, name, n) == 0)
+      return &settings[i];
+  }
+  return NULL;
+}
+
+/* Copies 'n' bytes of untrusted text into 'buf' for an error message: control
+ * bytes become '?' so that the message stays one line, and a long text is cut
+ * with "...". */
+static const char *show(char *buf, size_t cap, const char *s, size_t n) {
+  size_t o = 0;
+  for (size_t i = 0; i < n && o + 1 < cap; i++, o++)
+    buf[o] = (unsigned char)s[i] < 0x20 || s[i] == 0x7f ? '?' : s[i];
+  if (o < n && cap > 4) {
+    o = cap - 4;
+    memcpy(buf + o, "...", 3);
+    o += 3;
+  }
+  buf[o] = '\0';
+  return buf;
+}
+
+/* ---- values ------------------------------------------------------------- */
+
+static void fmt_size(char *buf, size_t cap, uint64_t v) {
+  if (v >= GIB && v % GIB == 0)
+    snprintf(buf, cap, "%" PRIu64 "GiB", v / GIB);
+  else if (v >= MIB && v % MIB == 0)
+    snprintf(buf, cap, "%" PRIu64 "MiB", v / MIB);
+  else if (v >= KIB && v % KIB == 0)
+    snprintf(buf, cap, "%" PRIu64 "KiB", v / KIB);
+  else
+    snprintf(buf, cap, "%" PRIu64 "B", v);
+}
+
+static void fmt_duration(char *buf, size_t cap, uint64_t ms) {
+  if (ms == 0)
+    snprintf(buf, cap, "0");
+  else if (ms % MIN == 0)
+    snprintf(buf, cap, "%" PRIu64 "m", ms / MIN);
+  else if (ms % SEC == 0)
+    snprintf(buf, cap, "%" PRIu64 "s", ms / SEC);
+  else
+    snprintf(buf, cap, "%" PRIu64 "ms", ms);
+}
+
+/* Writes 'v', a size or a duration as 'kind' says, the way a user would. */
+static void fmt_amount(kind_t kind, char *buf, size_t cap, uint64_t v) {
+  if (kind == T_SIZE)
+    fmt_size(buf, cap, v);
+  else
+    fmt_duration(buf, cap, v);
+}
+
+/* Writes what a value of 's' must look like, e.g. "a port number 1-65535". */
+static void expected(const setting_t *s, char *buf, size_t cap) {
+  char lo[32], hi[32];
+  switch (s->kind) {
+  case T_ADDR:
+    snprintf(buf, cap, "an IPv4 or IPv6 address");
+    break;
+  case T_PORT:
+    snprintf(buf, cap, "a port number %" PRIu64 "-%" PRIu64, s->min, s->max);
+    break;
+  case T_COUNT:
+    snprintf(buf, cap, "a whole number %" PRIu64 "-%" PRIu64, s->min, s->max);
+    break;
+  case T_SIZE:
+    fmt_amount(T_SIZE, lo, sizeof lo, s->min);
+    fmt_amount(T_SIZE, hi, sizeof hi, s->max);
+    snprintf(buf, cap, "a size %s-%s (a number of bytes, or with B, KiB, MiB, GiB)", lo, hi);
+    break;
+  case T_DURATION:
+    fmt_amount(T_DURATION, lo, sizeof lo, s->min);
+    fmt_amount(T_DURATION, hi, sizeof hi, s->max);
+    snprintf(buf, cap, "a duration %s-%s (a number with ms, s or m; a bare number is seconds)", lo, hi);
+    break;
+  case T_LOGLEVEL:
+    snprintf(buf, cap, "debug, info, warn, error or off");
+    break;
+  case T_LOGFMT:
+    snprintf(buf, cap, "logfmt or json");
+    break;
+  }
+}
+
+/* Reads a decimal number followed by one of 'units' (the whole of 's').
+ * Returns 0 and sets '*out', or ARQ_EINVAL on anything else or on overflow. */
+static int parse_scaled(const char *s, const unit_t *units, uint64_t *out) {
+  uint64_t n = 0;
+  const char *p = s;
+  if (*p < '0' || *p > '9')
+    return ARQ_EINVAL;
+  for (; *p >= '0' && *p <= '9'; p++) {
+    uint64_t d = (uint64_t)(*p - '0');
+    if (n > (UINT64_MAX - d) / 10)
+      return ARQ_EINVAL;
+    n = n * 10 + d;
+  }
+  for (const unit_t *u = units; u->name != NULL; u++) {
+    if (strcmp(p, u->name) != 0)
+      continue;
+    if (n > UINT64_MAX / u->scale)
+      return ARQ_EINVAL;
+    *out = n * u->scale;
+    return 0;
+  }
+  return ARQ_EINVAL;
+}
+
+static bool is_address(const char *s) {
+  unsigned char addr[sizeof(struct in6_addr)];
+  char v6[64];
+  if (inet_pton(AF_INET, s, addr) == 1)
+    return true;
+  /* An IPv6 address may carry a zone ("fe80::1%eth0"), which libuv resolves
+   * when it binds; only the address part is checked here. */
+  size_t n = strcspn(s, "%");
+  if (n >= sizeof v6 || (s[n] == '%' && s[n + 1] == '\0'))
+    return false;
+  memcpy(v6, s, n);
+  v6[n] = '\0';
+  return inet_pton(AF_INET6, v6, addr) == 1;
+}
+
+/* Parses 'text' as a value of 's' and stores it in 'c'. On an error writes a
+ * message naming the key and 'origin' (the flag, the variable or file:line). */
+static int set_value(arq_config_t *c, const setting_t *s, const char *text, const char *origin, char *err,
+                     size_t errcap) {
+  void *field = (char *)c + s->offset;
+  uint64_t v = 0;
+  int level;
+  switch (s->kind) {
+  case T_ADDR:
+    if (!is_address(text))
+      goto invalid;
+    arq_free(*(char **)field);
+    *(char **)field = arq_strdup(text);
+    return 0;
+  case T_PORT:
+  case T_COUNT:
+    if (parse_scaled(text, (const unit_t[]){{"", 1}, {NULL, 0}}, &v) != 0 || v < s->min || v > s->max)
+      goto invalid;
+    if (s->kind == T_PORT)
+      *(int *)field = (int)v;
+    else
+      *(uint64_t *)field = v;
+    return 0;
+  case T_SIZE:
+  case T_DURATION:
+    if (parse_scaled(text, s->kind == T_SIZE ? size_units : duration_units, &v) != 0 || v < s->min || v > s->max)
+      goto invalid;
+    *(uint64_t *)field = v;
+    return 0;
+  case T_LOGLEVEL:
+    if ((level = arq_log_level_parse(text)) < 0)
+      goto invalid;
+    *(int *)field = level;
+    return 0;
+  case T_LOGFMT:
+    if (strcasecmp(text, "logfmt") == 0)
+      *(arq_logfmt_t *)field = ARQ_LOGFMT_LOGFMT;
+    else if (strcasecmp(text, "json") == 0)
+      *(arq_logfmt_t *)field = ARQ_LOGFMT_JSON;
+    else
+      goto invalid;
+    return 0;
+  }
+invalid:;
+  char shown[96], want[160];
+  expected(s, want, sizeof want);
+  snprintf(err, errcap, "config: invalid value '%s' for %s (%s): expected %s",
+           show(shown, sizeof shown, text, strlen(text)), s->key, origin, want);
+  return ARQ_EINVAL;
+}
+
+/* ---- defaults ----------------------------------------------------------- */
+
+void arq_config_defaults(arq_config_t *c) {
+  memset(c, 0, sizeof *c);
+  for (size_t i = 0; i < NSETTINGS; i++) {
+    int rc = set_value(c, &settings[i], settings[i].def, "default", NULL, 0);
+    assert(rc == 0 && "a default in the settings table does not parse");
+    (void)rc;
+  }
+}
+
+void arq_config_free(arq_config_t *c) {
+  arq_free(c->host);
+  c->host = NULL;
+  arq_free(c->config_file);
+  c->config_file = NULL;
+}
+
+/* ---- the YAML file ------------------------------------------------------ */
+
+typedef struct yaml_file {
+  const char *path;
+  yaml_parser_t parser;
+  yaml_event_t event;
+  bool live; /* 'event' holds a parsed event to delete */
+} yaml_file_t;
+
+/* Replaces the current event with the next one. */
+static int next_event(yaml_file_t *f, char *err, size_t errcap) {
+  char path[1024];
+  if (f->live)
+    yaml_event_delete(&f->event);
+  f->live = false;
+  if (yaml_parser_parse(&f->parser, &f->event)) {
+    f->live = true;
+    return 0;
+  }
+  show(path, sizeof path, f->path, strlen(f->path));
+  if (f->parser.error == YAML_READER_ERROR)
+    snprintf(err, errcap, "config: cannot read %s: %s", path, f->parser.problem ? f->parser.problem : "read error");
+  else
+    snprintf(err, errcap, "config: YAML syntax error in %s (line %zu): %s%s%s", path,
+             f->parser.problem_mark.line + 1, f->parser.problem ? f->parser.problem : "invalid YAML",
+             f->parser.context ? " " : "", f->parser.context ? f->parser.context : "");
+  return ARQ_EINVAL;
+}
+
+static size_t event_line(const yaml_file_t *f) { return f->event.start_mark.line + 1; }
+
+static bool is_null_scalar(const yaml_event_t *e) {
+  const char *v = (const char *)e->data.scalar.value;
+  return e->data.scalar.style == YAML_PLAIN_SCALAR_STYLE &&
+         (e->data.scalar.length == 0 || strcmp(v, "~") == 0 || strcmp(v, "null") == 0);
+}
+
+/* Reads the pairs of the root mapping, whose start is the current event. */
+static int read_pairs(arq_config_t *c, yaml_file_t *f, char *err, size_t errcap) {
+  char path[1024], shown[96], origin[1100];
+  bool seen[NSETTINGS] = {false};
+  show(path, sizeof path, f->path, strlen(f->path));
+  for (;;) {
+    if (next_event(f, err, errcap) != 0)
+      return ARQ_EINVAL;
+    if (f->event.type == YAML_MAPPING_END_EVENT)
+      return 0;
+    if (f->event.type != YAML_SCALAR_EVENT) {
+      snprintf(err, errcap, "config: keys in %s must be plain names (line %zu)", path, event_line(f));
+      return ARQ_EINVAL;
+    }
+    const char *key = (const char *)f->event.data.scalar.value;
+    size_t keylen = f->event.data.scalar.length;
+    const setting_t *s = find_key(key, keylen);
+    if (s == NULL) {
+      snprintf(err, errcap, "config: unknown key '%s' in %s (line %zu)", show(shown, sizeof shown, key, keylen), path,
+               event_line(f));
+      return ARQ_EINVAL;
+    }
+    if (seen[s - settings]) {
+      snprintf(err, errcap, "config: key '%s' appears twice in %s (line %zu)", s->key, path, event_line(f));
+      return ARQ_EINVAL;
+    }
+    seen[s - settings] = true;
+
+    if (next_event(f, err, errcap) != 0)
+      return ARQ_EINVAL;
+    if (f->event.type != YAML_SCALAR_EVENT) {
+      snprintf(err, errcap, "config: value of '%s' in %s (line %zu) must be a single value, not a %s", s->key, path,
+               event_line(f),
+               f->event.type == YAML_SEQUENCE_START_EVENT  ? "list"
+               : f->event.type == YAML_MAPPING_START_EVENT ? "mapping"
+                                                            : "reference");
+      return ARQ_EINVAL;
+    }
+    const char *value = (const char *)f->event.data.scalar.value;
+    snprintf(origin, sizeof origin, "%s:%zu", path, event_line(f));
+    /* A "\0" escape would hide the rest of the value from the parsers. */
+    if (strlen(value) != f->event.data.scalar.length) {
+      snprintf(err, errcap, "config: invalid value for %s (%s): it contains a NUL byte", s->key, origin);
+      return ARQ_EINVAL;
+    }
+    if (set_value(c, s, value, origin, err, errcap) != 0)
+      return ARQ_EINVAL;
+  }
+}
+
+/* Reads 'path': nothing, or one document whose root is a mapping of setting
+ * keys to single values. */
+static int load_file(arq_config_t *c, const char *path, char *err, size_t errcap) {
+  char shown[1024];
+  struct stat st;
+  yaml_file_t f = {.path = path, .live = false};
+  int rc = ARQ_EINVAL;
+
+  show(shown, sizeof shown, path, strlen(path));
+  FILE *fp = fopen(path, "rb");
+  if (fp == NULL) {
+    snprintf(err, errcap, "config: cannot read config file %s: %s", shown, strerror(errno));
+    return ARQ_EINVAL;
+  }
+  if (fstat(fileno(fp), &st) == 0 && S_ISDIR(st.st_mode)) {
+    snprintf(err, errcap, "config: cannot read config file %s: %s", shown, strerror(EISDIR));
+    goto close_file;
+  }
+  if (!yaml_parser_initialize(&f.parser)) {
+    snprintf(err, errcap, "config: cannot read config file %s: out of memory", shown);
+    goto close_file;
+  }
+  yaml_parser_set_input_file(&f.parser, fp);
+
+  if (next_event(&f, err, errcap) != 0) /* stream start */
+    goto delete_parser;
+  if (next_event(&f, err, errcap) != 0)
+    goto delete_parser;
+  if (f.event.type == YAML_STREAM_END_EVENT) { /* empty, or only comments */
+    rc = 0;
+    goto delete_parser;
+  }
+  if (next_event(&f, err, errcap) != 0) /* the root node, after the document start */
+    goto delete_parser;
+  if (f.event.type == YAML_MAPPING_START_EVENT) {
+    if (read_pairs(c, &f, err, errcap) != 0)
+      goto delete_parser;
+  } else if (!(f.event.type == YAML_SCALAR_EVENT && is_null_scalar(&f.event))) { /* "---" alone is empty */
+    snprintf(err, errcap, "config: %s must be a mapping of keys to values, like 'port: 9100' (line %zu)", shown,
+             event_line(&f));
+    goto delete_parser;
+  }
+  if (next_event(&f, err, errcap) != 0) /* document end */
+    goto delete_parser;
+  if (next_event(&f, err, errcap) != 0)
+    goto delete_parser;
+  if (f.event.type != YAML_STREAM_END_EVENT) {
+    snprintf(err, errcap, "config: %s holds more than one YAML document (line %zu)", shown, event_line(&f));
+    goto delete_parser;
+  }
+  rc = 0;
+
+delete_parser:
+  if (f.live)
+    yaml_event_delete(&f.event);
+  yaml_parser_delete(&f.parser);
+close_file:
+  fclose(fp);
+  return rc;
+}
+
+/* ---- flags -------------------------------------------------------------- */
+
+typedef enum { ARG_SETTING, ARG_CONFIG, ARG_HELP, ARG_VERSION, ARG_BAD } arg_kind_t;
+
+typedef struct arg {
+  arg_kind_t kind;
+  const setting_t *setting; /* ARG_SETTING */
+  const char *value;        /* ARG_SETTING, ARG_CONFIG */
+  char flag[48];            /* the flag as written, without any "=value" */
+} arg_t;
+
+/* Reads the argument at argv[*i], and its value from the same argument
+ * ("--port=9100") or the next one ("--port 9100"), and advances '*i'. On
+ * ARG_BAD writes the problem into 'err' (which may be NULL). */
+static arg_kind_t next_arg(int argc, char **argv, int *i, arg_t *a, char *err, size_t errcap) {
+  const char *arg = argv[(*i)++];
+  char shown[96];
+  a->setting = NULL;
+  a->value = NULL;
+  show(a->flag, sizeof a->flag, arg, strcspn(arg, "="));
+
+  if (strcmp(arg, "-h") == 0 || strcmp(arg, "--help") == 0)
+    return a->kind = ARG_HELP;
+  if (strcmp(arg, "-V") == 0 || strcmp(arg, "--version") == 0)
+    return a->kind = ARG_VERSION;
+  if (arg[0] != '-' || arg[1] == '\0') {
+    snprintf(err, errcap, "config: unexpected argument '%s' (settings are flags, e.g. --port 9100)",
+             show(shown, sizeof shown, arg, strlen(arg)));
+    return a->kind = ARG_BAD;
+  }
+  const char *name = arg + 2;
+  size_t namelen = strcspn(name, "=");
+  if (arg[1] == '-' && namelen == strlen("config") && memcmp(name, "config", namelen) == 0)
+    a->kind = ARG_CONFIG;
+  else if (arg[1] == '-' && (a->setting = find_flag(name, namelen)) != NULL)
+    a->kind = ARG_SETTING;
+  else if (strcmp(a->flag, "--help") == 0 || strcmp(a->flag, "--version") == 0) {
+    snprintf(err, errcap, "config: flag %s takes no value", a->flag);
+    return a->kind = ARG_BAD;
+  } else {
+    snprintf(err, errcap, "config: unknown flag '%s' (see --help)", a->flag);
+    return a->kind = ARG_BAD;
+  }
+
+  if (name[namelen] == '=') {
+    a->value = name + namelen + 1;
+  } else if (*i < argc && strncmp(argv[*i], "--", 2) != 0) {
+    a->value = argv[(*i)++];
+  } else {
+    snprintf(err, errcap, "config: flag %s needs a value", a->flag);
+    return a->kind = ARG_BAD;
+  }
+  return a->kind;
+}
+
+/* ---- loading ------------------------------------------------------------ */
+
+/* Splits "K=V" at the '='. Returns false for an entry without one. */
+static bool split_env(const char *entry, size_t *namelen, const char **value) {
+  const char *eq = strchr(entry, '=');
+  if (eq == NULL)
+    return false;
+  *namelen = (size_t)(eq - entry);
+  *value = eq + 1;
+  return true;
+}
+
+static bool is_config_var(const char *name, size_t n) {
+  return n == strlen(ENV_CONFIG) && memcmp(name, ENV_CONFIG, n) == 0;
+}
+
+static int check_env(char **envp, const char **config, char *err, size_t errcap) {
+  char shown[96];
+  for (char **e = envp; e != NULL && *e != NULL; e++) {
+    size_t n;
+    const char *value;
+    if (!split_env(*e, &n, &value) || strncmp(*e, ENV_PREFIX, strlen(ENV_PREFIX)) != 0)
+      continue;
+    if (is_config_var(*e, n)) {
+      *config = value;
+    } else if (find_env(*e, n) == NULL) {
+      snprintf(err, errcap, "config: unknown environment variable %s", show(shown, sizeof shown, *e, n));
+      return ARQ_EINVAL;
+    }
+  }
+  return 0;
+}
+
+static int apply_env(arq_config_t *c, char **envp, char *err, size_t errcap) {
+  char origin[64];
+  for (char **e = envp; e != NULL && *e != NULL; e++) {
+    size_t n;
+    const char *value;
+    const setting_t *s;
+    if (!split_env(*e, &n, &value) || strncmp(*e, ENV_PREFIX, strlen(ENV_PREFIX)) != 0)
+      continue;
+    if ((s = find_env(*e, n)) == NULL)
+      continue; /* ARQONBUS_CONFIG; check_env() refused the rest */
+    if (set_value(c, s, value, env_name(s, origin, sizeof origin), err, errcap) != 0)
+      return ARQ_EINVAL;
+  }
+  return 0;
+}
+
+/* The checks no single value can make. */
+static int check_combination(const arq_config_t *c, char *err, size_t errcap) {
+  const struct {
+    const char *key;
+    int port;
+  } ports[] = {{"port", c->port}, {"telemetry_port", c->telemetry_port}, {"http_port", c->http_port}};
+  for (size_t i = 0; i < 3; i++)
+    for (size_t j = i + 1; j < 3; j++)
+      if (ports[i].port == ports[j].port) {
+        snprintf(err, errcap, "config: %s and %s are both %d; the three ports must differ", ports[i].key,
+                 ports[j].key, ports[i].port);
+        return ARQ_EINVAL;
+      }
+  if (c->heartbeat_interval_ms > 0 && c->heartbeat_timeout_ms == 0) {
+    snprintf(err, errcap, "config: heartbeat_timeout must be above 0 while heartbeat_interval is set "
+                          "(set heartbeat_interval to 0 to disable pings)");
+    return ARQ_EINVAL;
+  }
+  return 0;
+}
+
+int arq_config_load(arq_config_t *c, int argc, char **argv, char **envp, arq_config_action_t *action, char *err,
+                    size_t errcap) {
+  const char *config = NULL;
+  arg_t a;
+  *action = ARQ_CONFIG_RUN;
+  if (errcap > 0)
+    err[0] = '\0';
+
+  /* --help and --version answer even when the rest would not load. */
+  for (int i = 1; i < argc;) {
+    next_arg(argc, argv, &i, &a, NULL, 0);
+    if (a.kind == ARG_HELP || a.kind == ARG_VERSION) {
+      *action = a.kind == ARG_HELP ? ARQ_CONFIG_HELP : ARQ_CONFIG_VERSION;
+      return 0;
+    }
+  }
+
+  const char *config_flag = NULL;
+  for (int i = 1; i < argc;) {
+    if (next_arg(argc, argv, &i, &a, err, errcap) == ARG_BAD)
+      return ARQ_EINVAL;
+    if (a.kind == ARG_CONFIG)
+      config_flag = a.value;
+  }
+  if (check_env(envp, &config, err, errcap) != 0)
+    return ARQ_EINVAL;
+  if (config_flag != NULL)
+    config = config_flag;
+
+  if (config != NULL) {
+    if (config[0] == '\0') {
+      snprintf(err, errcap, "config: invalid value '' for %s: expected a file name",
+               config_flag != NULL ? "--config" : ENV_CONFIG);
+      return ARQ_EINVAL;
+    }
+    if (load_file(c, config, err, errcap) != 0)
+      return ARQ_EINVAL;
+    arq_free(c->config_file);
+    c->config_file = arq_strdup(config);
+  }
+  if (apply_env(c, envp, err, errcap) != 0)
+    return ARQ_EINVAL;
+  for (int i = 1; i < argc;) {
+    next_arg(argc, argv, &i, &a, NULL, 0);
+    if (a.kind == ARG_SETTING && set_value(c, a.setting, a.value, a.flag, err, errcap) != 0)
+      return ARQ_EINVAL;
+  }
+  return check_combination(c, err, errcap);
+}
+
+/* ---- --help ------------------------------------------------------------- */
+
+static const char *metavar(kind_t kind) {
+  switch (kind) {
+  case T_ADDR:
+    return "ADDR";
+  case T_PORT:
+    return "PORT";
+  case T_COUNT:
+    return "N";
+  case T_SIZE:
+    return "SIZE";
+  case T_DURATION:
+    return "DURATION";
+  case T_LOGLEVEL:
+    return "LEVEL";
+  case T_LOGFMT:
+    return "FORMAT";
+  }
+  return "VALUE";
+}
+
+void arq_config_usage(FILE *out) {
+  char flag[96], env[64], range[96], lo[32], hi[32];
+  fprintf(out, "Usage: arqonbus [--config FILE] [--SETTING VALUE]...\n"
+               "\n"
+               "Runs the ArqonBus WebSocket message bus. Each setting comes from, lowest\n"
+               "precedence first: its default, the YAML file named by --config or\n"
+               "ARQONBUS_CONFIG, its ARQONBUS_* environment variable, its flag.\n"
+               "Flags take their value as --port 9100 or --port=9100. Sizes are bytes,\n"
+               "or take B, KiB, MiB, GiB (k, M, G mean the same); durations take ms, s\n"
+               "or m, and a bare number is seconds. See docs/configuration.md.\n"
+               "\n");
+  fprintf(out, "  %-30s %s\n      %s\n", "--config FILE", ENV_CONFIG, "YAML file of settings, one 'key: value' per line");
+  for (size_t i = 0; i < NSETTINGS; i++) {
+    const setting_t *s = &settings[i];
+    snprintf(flag, sizeof flag, "%s %s", flag_name(s, env, sizeof env), metavar(s->kind));
+    range[0] = '\0';
+    if (s->kind == T_SIZE || s->kind == T_DURATION) {
+      fmt_amount(s->kind, lo, sizeof lo, s->min);
+      fmt_amount(s->kind, hi, sizeof hi, s->max);
+      snprintf(range, sizeof range, ", range %s-%s", lo, hi);
+    } else if (s->kind == T_COUNT || s->kind == T_PORT) {
+      snprintf(range, sizeof range, ", range %" PRIu64 "-%" PRIu64, s->min, s->max);
+    }
+    fprintf(out, "  %-30s %s\n      %s\n      default %s%s\n", flag, env_name(s, env, sizeof env), s->meaning,
+            s->def, range);
+  }
+  fprintf(out, "  %-30s print this help and exit\n", "-h, --help");
+  fprintf(out, "  %-30s print the version and exit\n", "-V, --version");
+}
