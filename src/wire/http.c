@@ -33,19 +33,34 @@ static int on_header_field(llhttp_t *p, const char *at, size_t n) {
   arq_http_req_t *r = req_of(p);
   if (r->nheaders == ARQ_HTTP_MAX_HEADERS)
     return -1;
+  /* llhttp 8 lets "Name :" through; RFC 7230 section 3.2.4 says to refuse
+   * whitespace before the colon with 400. */
+  if (n > 0 && (at[n - 1] == ' ' || at[n - 1] == '\t'))
+    return -1;
   r->headers[r->nheaders].name = (arq_slice_t){at, n};
   r->headers[r->nheaders].value = (arq_slice_t){at + n, 0};
   return 0;
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t n) {
-  arq_http_req_t *r = req_of(p);
-  r->headers[r->nheaders].value = (arq_slice_t){at, n};
+  arq_http_header_t *h = &req_of(p)->headers[req_of(p)->nheaders];
+  /* A second span for the same value is an obsolete line fold. RFC 7230
+   * section 3.2.4 lets a server refuse it with 400; keeping only the last
+   * line would silently drop the first. */
+  if (h->value.p != h->name.p + h->name.n)
+    return -1;
+  h->value = (arq_slice_t){at, n};
   return 0;
 }
 
 static int on_header_value_complete(llhttp_t *p) {
-  req_of(p)->nheaders++;
+  arq_http_req_t *r = req_of(p);
+  /* llhttp strips the whitespace before a value but not after it, and the
+   * value excludes both (RFC 7230 section 3.2.4). */
+  arq_slice_t *v = &r->headers[r->nheaders].value;
+  while (v->n > 0 && (v->p[v->n - 1] == ' ' || v->p[v->n - 1] == '\t'))
+    v->n--;
+  r->nheaders++;
   return 0;
 }
 
@@ -117,7 +132,8 @@ int arq_http_req_feed(arq_http_req_t *r, const char *data, size_t len, size_t *u
     r->head = arq_realloc(r->head, cap);
     r->head_cap = cap;
   }
-  memcpy(r->head + r->head_len, data, take);
+  if (take > 0) /* an empty first read has no buffer to copy into yet */
+    memcpy(r->head + r->head_len, data, take);
   size_t before = r->head_len;
   r->head_len += take;
 
@@ -200,7 +216,8 @@ size_t arq_http_response(char *out, size_t cap, int status, const char *content_
                    status, arq_http_reason(status), content_type, body_len, extra_headers ? extra_headers : "");
   if (body == NULL)
     body_len = 0; /* the head alone: the caller sends the body */
-  if (n < 0 || (size_t)n + body_len > cap)
+  /* n == cap means snprintf() cut the head's last byte for its NUL. */
+  if (n < 0 || (size_t)n >= cap || (size_t)n + body_len > cap)
     return 0;
   if (body_len)
     memcpy(out + n, body, body_len);
