@@ -37,8 +37,11 @@ unsigned arq_outq_peek(const arq_outq_t *q, unsigned skip, uv_buf_t *iov, unsign
   return n;
 }
 
-static void release_if_empty(arq_outq_t *q) {
-  if (q->count == 0) {
+/* An empty ring of the minimum size (128 bytes) is kept for the next burst;
+ * a larger one goes, so a connection that once had a backlog does not hold
+ * it while idle. */
+static void shrink_if_empty(arq_outq_t *q) {
+  if (q->count == 0 && q->cap > MIN_CAP) {
     arq_free(q->ring);
     q->ring = NULL;
     q->cap = q->head = 0;
@@ -62,7 +65,7 @@ unsigned arq_outq_consume(arq_outq_t *q, size_t n) {
     q->count--;
     dropped++;
   }
-  release_if_empty(q);
+  shrink_if_empty(q);
   return dropped;
 }
 
@@ -73,7 +76,12 @@ void arq_outq_truncate(arq_outq_t *q, unsigned keep) {
     arq_rcbuf_unref(e->buf);
     q->count--;
   }
-  release_if_empty(q);
+  shrink_if_empty(q);
 }
 
-void arq_outq_clear(arq_outq_t *q) { arq_outq_truncate(q, 0); }
+void arq_outq_clear(arq_outq_t *q) {
+  arq_outq_truncate(q, 0);
+  arq_free(q->ring);
+  q->ring = NULL;
+  q->cap = q->head = 0;
+}

@@ -1,8 +1,8 @@
 /* A connection's outbound queue: shared frames waiting to be written.
  *
  * Entries are references to arq_rcbuf_t frames (one frame, many queues), kept
- * in a ring that grows on demand and is released when it empties, so an idle
- * connection holds no queue memory. The writer takes a batch from the head as
+ * in a ring that grows on demand and shrinks back to a few entries when it
+ * empties, so an idle connection holds almost no queue memory. The writer takes a batch from the head as
  * an iovec array (one writev for many frames), then reports how many bytes
  * went out; fully written frames are unreferenced, a partly written one keeps
  * its offset.
