@@ -144,6 +144,7 @@ void arq_conn_flush(arq_conn_t *c) {
   c->inflight = n;
   c->inflight_bytes = bytes;
   c->write_at = now_ms(c);
+  c->write_left = bytes;
   arq_list_push_back(&c->srv->writing, &c->node_write);
 }
 
@@ -267,6 +268,18 @@ void arq_conn_ping(arq_conn_t *c, uint64_t now) {
   }
 }
 
+bool arq_conn_write_progressed(arq_conn_t *c, uint64_t now) {
+  /* libuv counts the bytes of queued writes the kernel has not taken yet; a
+   * long write that keeps shrinking is a slow reader, not a stalled one. */
+  size_t left = uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp);
+  if (left >= c->write_left)
+    return false;
+  c->write_left = left;
+  c->write_at = now;
+  arq_list_move_back(&c->srv->writing, &c->node_write);
+  return true;
+}
+
 void arq_conn_write_stalled(arq_conn_t *c) {
   arq_list_remove(&c->node_write);
   if (c->state == ARQ_CONN_OPEN)
@@ -276,10 +289,15 @@ void arq_conn_write_stalled(arq_conn_t *c) {
 /* ---- reading ------------------------------------------------------------ */
 
 static void protocol_error(arq_conn_t *c, uint16_t code, const char *why) {
+  c->input_done = true;
+  if (c->close_sent) {
+    /* We already closed: whatever the peer sends now only ends the wait for
+     * its EOF; it is neither answered nor counted as a violation. */
+    return;
+  }
   arq_metrics_protocol_error(&c->srv->metrics, code);
   arq_log(ARQ_LOG_WARN, "net", "protocol violation", ARQ_LI("conn", c->id), ARQ_LS("remote", c->remote),
           ARQ_LI("code", code), ARQ_LS("why", why));
-  c->input_done = true;
   arq_conn_close(c, code, why, ARQ_CLOSE_PROTOCOL_ERROR);
 }
 
@@ -469,7 +487,8 @@ void arq_conn_accept(arq_listener_t *l) {
   arq_list_init(&c->node_flush);
   uv_tcp_init(srv->loop, &c->tcp);
   int rc = uv_accept((uv_stream_t *)&l->tcp, (uv_stream_t *)&c->tcp);
-  if (rc != 0 || srv->draining || srv->npending >= srv->max_pending) {
+  bool refuse = srv->draining && l->kind != ARQ_PORT_OPS;
+  if (rc != 0 || refuse || srv->npending >= srv->max_pending) {
     if (rc != 0)
       arq_log(ARQ_LOG_WARN, "net", "accept failed", ARQ_LS("error", uv_strerror(rc)));
     else

@@ -49,7 +49,8 @@ struct arq_conn {
   uint64_t deadline;       /* handshake or close deadline (loop ms) */
   uint64_t ping_at;
   uint64_t pong_at;
-  uint64_t write_at;
+  uint64_t write_at;       /* when the write in flight last made progress */
+  size_t write_left;       /* its bytes not yet taken by the kernel then */
   arq_list_t node_all;
   arq_list_t node_open;
   arq_list_t node_deadline;
@@ -88,6 +89,9 @@ void arq_conn_destroy(arq_conn_t *c, arq_close_reason_t reason);
 void arq_conn_handshake_expired(arq_conn_t *c);
 void arq_conn_ping(arq_conn_t *c, uint64_t now);
 void arq_conn_write_stalled(arq_conn_t *c);
+/* True (and the write's clock restarted) when the write in flight has made
+ * progress since it was last looked at. */
+bool arq_conn_write_progressed(arq_conn_t *c, uint64_t now);
 
 /* Serves one request on the ops port (net/ops.c). */
 void arq_ops_handle(arq_conn_t *c, const arq_http_req_t *req);

@@ -84,7 +84,8 @@ static void on_tick(uv_timer_t *t) {
     arq_conn_t *c = ARQ_CONTAINER_OF(n, arq_conn_t, node_write);
     if (c->write_at + cfg->write_timeout_ms > now)
       break;
-    arq_conn_write_stalled(c); /* unlinks it */
+    if (!arq_conn_write_progressed(c, now)) /* moves it to the tail */
+      arq_conn_write_stalled(c);            /* unlinks it */
   }
   flush_all(srv);
 }
@@ -224,8 +225,10 @@ void arq_server_shutdown(arq_server_t *srv) {
   if (srv->draining)
     return;
   srv->draining = true;
+  /* The ops port stays open while clients drain, so that load balancers and
+   * operators see /health answer 503 shutting_down. */
   for (int i = 0; i < ARQ_PORT_COUNT; i++) {
-    if (srv->listeners[i].active) {
+    if (srv->listeners[i].active && i != ARQ_PORT_OPS) {
       close_handle((uv_handle_t *)&srv->listeners[i].tcp);
       srv->listeners[i].active = false;
     }
@@ -233,6 +236,8 @@ void arq_server_shutdown(arq_server_t *srv) {
   arq_list_t *pos, *tmp;
   arq_list_foreach_safe(pos, tmp, &srv->conns) {
     arq_conn_t *c = ARQ_CONTAINER_OF(pos, arq_conn_t, node_all);
+    if (c->kind == ARQ_PORT_OPS)
+      continue;
     if (c->state == ARQ_CONN_OPEN)
       arq_conn_close(c, ARQ_WS_CLOSE_GOING_AWAY, "server shutting down", ARQ_CLOSE_SHUTDOWN);
     else if (c->state == ARQ_CONN_HANDSHAKE)
