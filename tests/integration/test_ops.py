@@ -1,0 +1,299 @@
+"""The HTTP ops port: /health, /version, /metrics (docs/operations.md).
+
+What a monitoring system or an operator with curl observes: JSON bodies with
+the documented fields, the Prometheus text format with HELP and TYPE lines,
+404 for other paths, 405 with Allow: GET for other methods, 400 for
+malformed requests and 431 for oversized heads, every answer with
+Connection: close; and an arqonbus_connections gauge that always equals the
+number of WebSocket clients connected, on the bus and telemetry ports.
+"""
+import asyncio
+import json
+import re
+import subprocess
+import time
+
+import pytest
+import websockets
+
+from conftest import BIN, SLOW
+from rawws import OP_CLOSE, OP_TEXT, RawWS, close_payload
+from wsutil import closed_total, connect_many, http_request, reset
+
+JSON = "application/json"
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+
+# Every family of docs/operations.md with its type and, for labelled ones,
+# the label and its values.
+FAMILIES = {
+    "arqonbus_connections": ("gauge", None),
+    "arqonbus_connections_opened_total": ("counter", None),
+    "arqonbus_connections_closed_total": ("counter", ("reason", {
+        "normal", "shutdown", "protocol_error", "slow_consumer", "heartbeat_timeout", "handshake_failed",
+        "handshake_timeout", "peer_gone", "io_error"})),
+    "arqonbus_protocol_errors_total": ("counter", ("code", {"1002", "1007", "1009"})),
+    "arqonbus_handshake_errors_total": ("counter", ("status", {"400", "405", "408", "426", "431", "503"})),
+    "arqonbus_slow_consumer_closes_total": ("counter", None),
+    "arqonbus_messages_received_total": ("counter", None),
+    "arqonbus_messages_delivered_total": ("counter", None),
+    "arqonbus_received_bytes_total": ("counter", None),
+    "arqonbus_sent_bytes_total": ("counter", None),
+    "arqonbus_http_requests_total": ("counter", None),
+    "arqonbus_start_time_seconds": ("gauge", None),
+}
+
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_][a-zA-Z0-9_]*)="([^"\\]*)"\})? (\S+)$')
+
+
+def get(server, path):
+    return http_request(server.http_port, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path.encode(), 5 * SLOW)
+
+
+def check_common(status, headers, body, want_status, content_type):
+    assert status == want_status, (status, body)
+    assert headers["content-type"] == content_type
+    assert headers["connection"].lower() == "close"
+    assert int(headers["content-length"]) == len(body)
+
+
+# ---- /health and /version ----------------------------------------------------
+
+def test_health(server):
+    before = time.time()
+    status, headers, body = get(server, "/health")
+    check_common(status, headers, body, 200, JSON)
+    health = json.loads(body)
+    assert health["status"] == "ok"
+    assert isinstance(health["uptime_seconds"], int) and 0 <= health["uptime_seconds"] <= before - server_start(server) + 1
+    assert health["connections"] == 0
+
+
+def server_start(server):
+    return server.metrics()["arqonbus_start_time_seconds"]
+
+
+def test_version_matches_the_binary(server):
+    status, headers, body = get(server, "/version")
+    check_common(status, headers, body, 200, JSON)
+    info = json.loads(body)
+    assert info["name"] == "arqonbus"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", info["version"]), info
+    assert re.fullmatch(r"\d+\.\d+", info["protocol_version"]), info
+    build = info["build"]
+    assert set(build) >= {"git", "type", "compiler", "libuv"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+", build["libuv"])
+    # The same facts as `arqonbus --version` and the startup banner.
+    out = subprocess.run([BIN, "--version"], stdout=subprocess.PIPE, timeout=10 * SLOW, check=True).stdout.decode()
+    assert out.strip() == "arqonbus %s (protocol %s, git %s, %s build)" % (
+        info["version"], info["protocol_version"], build["git"], build["type"])
+    assert "ArqonBus %s is running" % info["version"] in server.log()
+
+
+# ---- /metrics -----------------------------------------------------------------
+
+def parse_exposition(text):
+    """Checks the Prometheus text format line by line; returns
+    ({family: (type, help)}, [(name, label, label value, value)])."""
+    families, samples = {}, []
+    current = None
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name, _, help_text = line[7:].partition(" ")
+            assert name not in families, "family %s described twice" % name
+            assert help_text, "empty HELP for %s" % name
+            families[name] = [None, help_text]
+            current = name
+        elif line.startswith("# TYPE "):
+            name, _, kind = line[7:].partition(" ")
+            assert name == current, "TYPE %s does not follow its HELP" % name
+            assert kind in ("counter", "gauge"), line
+            families[name][0] = kind
+        else:
+            m = SAMPLE.match(line)
+            assert m, "not a sample line: %r" % line
+            name, _, label, label_value, value = m.groups()
+            assert name == current and families[name][0], "sample %s before its HELP and TYPE" % name
+            samples.append((name, label, label_value, float(value)))
+    return {k: tuple(v) for k, v in families.items()}, samples
+
+
+def test_metrics_exposition(server):
+    status, headers, body = get(server, "/metrics")
+    check_common(status, headers, body, 200, PROMETHEUS)
+    families, samples = parse_exposition(body.decode())
+    assert {name: kind for name, (kind, _) in families.items()} == {k: v[0] for k, v in FAMILIES.items()}
+    for name, (kind, labels) in FAMILIES.items():
+        mine = [s for s in samples if s[0] == name]
+        if labels is None:
+            assert [(s[1], s[2]) for s in mine] == [(None, None)], name
+        else:
+            assert {s[1] for s in mine} == {labels[0]}, name
+            assert sorted(s[2] for s in mine) == sorted(labels[1]), name
+        assert all(s[3] >= 0 for s in mine)
+    assert all(v == int(v) for name, _, _, v in samples if name != "arqonbus_start_time_seconds")
+    start = server_start(server)
+    assert time.time() - 600 < start <= time.time()
+
+
+def test_metrics_count_requests_and_traffic(server):
+    before = server.metrics()
+    again = server.metrics()
+    # Each request on the ops port is counted, the one reading the counter included.
+    assert again["arqonbus_http_requests_total"] == before["arqonbus_http_requests_total"] + 1
+    get(server, "/nope")
+    http_request(server.http_port, b"PUT /health HTTP/1.1\r\n\r\n")
+    http_request(server.http_port, b"GARBAGE\r\n\r\n")
+    with RawWS(server.port) as ws:
+        ws.send_frame(OP_TEXT, "hello")
+        assert ws.recv_message() == (OP_TEXT, b"hello")
+        ws.send_frame(OP_CLOSE, close_payload(1000))
+        ws.expect_close(5 * SLOW)
+        ws.wait_eof(5 * SLOW)
+    normal = 'arqonbus_connections_closed_total{reason="normal"}'
+    server.wait_metric(normal, lambda v: v == before[normal] + 1)
+    m = server.metrics()
+    assert m["arqonbus_http_requests_total"] == again["arqonbus_http_requests_total"] + 5
+    assert m["arqonbus_connections_opened_total"] == before["arqonbus_connections_opened_total"] + 1
+    assert m["arqonbus_messages_received_total"] == before["arqonbus_messages_received_total"] + 1
+    assert m["arqonbus_messages_delivered_total"] == before["arqonbus_messages_delivered_total"] + 1
+    # In: an 11-byte text frame and an 8-byte close frame. Out: the 101
+    # response, the 7-byte echo and the 4-byte close frame.
+    assert m["arqonbus_received_bytes_total"] - before["arqonbus_received_bytes_total"] == 11 + 8
+    assert m["arqonbus_sent_bytes_total"] - before["arqonbus_sent_bytes_total"] > 7 + 4
+
+
+# ---- errors --------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/", "/nope", "/health/", "/HEALTH", "/metrics/x", "/version.json"])
+def test_unknown_path_is_404(server, path):
+    status, headers, body = get(server, path)
+    check_common(status, headers, body, 404, JSON)
+    assert json.loads(body) == {"error": "not_found"}
+
+
+def test_query_string_is_ignored(server):
+    status, headers, body = get(server, "/health?verbose=1")
+    check_common(status, headers, body, 200, JSON)
+    assert json.loads(body)["status"] == "ok"
+
+
+@pytest.mark.parametrize("request_bytes", [
+    pytest.param(b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", id="POST-with-body"),
+    pytest.param(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", id="POST"),
+    pytest.param(b"PUT /version HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", id="PUT"),
+    pytest.param(b"DELETE /health HTTP/1.1\r\nHost: x\r\n\r\n", id="DELETE"),
+    pytest.param(b"OPTIONS /nope HTTP/1.1\r\nHost: x\r\n\r\n", id="OPTIONS-unknown-path"),
+])
+def test_other_methods_are_405_with_allow_get(server, request_bytes):
+    status, headers, body = http_request(server.http_port, request_bytes, 5 * SLOW)
+    check_common(status, headers, body, 405, JSON)
+    assert headers["allow"] == "GET"
+    assert json.loads(body) == {"error": "method_not_allowed"}
+
+
+@pytest.mark.parametrize("request_bytes", [
+    pytest.param(b"GARBAGE\r\n\r\n", id="no-method-line"),
+    pytest.param(b"\r\n\r\n", id="empty"),
+    pytest.param(b"GET health HTTP/1.1\r\n\r\n", id="relative-path"),
+    pytest.param(b"get /health HTTP/1.1\r\n\r\n", id="lower-case-method"),
+    pytest.param(b"GET /health HTTP/9.9\r\n\r\n", id="bad-version"),
+    pytest.param(b"GET /health HTTP/1.1\r\nNo colon here\r\n\r\n", id="header-without-colon"),
+    pytest.param(b"GET /health HTTP/1.1\r\nHost : x\r\n\r\n", id="space-before-colon"),
+    pytest.param(b"GET /health HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n", id="folded-header"),
+    pytest.param(b"GET /health HTTP/1.1\r\nX: \x01\r\n\r\n", id="control-byte"),
+])
+def test_malformed_request_is_400(server, request_bytes):
+    status, headers, body = http_request(server.http_port, request_bytes, 5 * SLOW)
+    check_common(status, headers, body, 400, "text/plain; charset=utf-8")
+    assert body == b"malformed HTTP request"
+
+
+def padded_get(size):
+    base = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: \r\n\r\n"
+    req = base.replace(b"X-Pad: ", b"X-Pad: " + b"a" * (size - len(base)))
+    assert len(req) == size
+    return req
+
+
+def test_head_of_exactly_max_header_size_is_served(server):
+    status, headers, body = http_request(server.http_port, padded_get(8192), 5 * SLOW)
+    check_common(status, headers, body, 200, JSON)
+
+
+@pytest.mark.parametrize("size", [8193, 20000])
+def test_oversized_head_is_431(server, size):
+    status, headers, body = http_request(server.http_port, padded_get(size), 5 * SLOW)
+    check_common(status, headers, body, 431, "text/plain; charset=utf-8")
+    assert body == b"request header fields too large"
+
+
+def test_too_many_header_fields_is_431(server):
+    fields = b"".join(b"X-F%d: v\r\n" % i for i in range(100))
+    status, headers, body = http_request(server.http_port, b"GET /health HTTP/1.1\r\n" + fields + b"\r\n", 5 * SLOW)
+    check_common(status, headers, body, 431, "text/plain; charset=utf-8")
+
+
+def test_ops_server_keeps_serving_after_errors(server):
+    for req in (b"GARBAGE\r\n\r\n", padded_get(9000), b"POST / HTTP/1.1\r\n\r\n"):
+        http_request(server.http_port, req, 5 * SLOW)
+    status, _, body = get(server, "/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+
+
+# ---- the connections gauge -------------------------------------------------------
+
+def gauge(server):
+    """arqonbus_connections, checked against the count in /health."""
+    value = server.metrics()["arqonbus_connections"]
+    status, _, body = get(server, "/health")
+    assert status == 200 and json.loads(body)["connections"] == value
+    return value
+
+
+def wait_gauge(server, n):
+    server.wait_metric("arqonbus_connections", lambda v: v == n)
+    assert gauge(server) == n
+
+
+def test_connections_gauge_follows_connects_and_disconnects(server):
+    assert gauge(server) == 0
+
+    async def run():
+        bus = connect_many(server.port, 5)
+        telemetry = connect_many(server.telemetry_port, 2)
+        py = [await websockets.connect(server.url, open_timeout=5 * SLOW) for _ in range(2)]
+        try:
+            # Handshakes done, every client counted; ops requests are not.
+            assert gauge(server) == 9
+            # A clean close, a close frame without waiting, a reset, a FIN
+            # without a close frame, a library close, a telemetry close.
+            bus[0].send_frame(OP_CLOSE, close_payload(1000))
+            assert bus[0].expect_close(5 * SLOW) == (1000, "")
+            bus[0].wait_eof(5 * SLOW)
+            bus[0].close()
+            wait_gauge(server, 8)
+            bus[1].send_frame(OP_CLOSE, close_payload(1001))
+            bus[1].close()
+            reset(bus[2].sock)
+            bus[3].close()
+            wait_gauge(server, 5)
+            await asyncio.wait_for(py[0].close(), 5 * SLOW)
+            telemetry[0].close()
+            wait_gauge(server, 3)
+            # New clients are counted again.
+            more = connect_many(server.port, 3)
+            assert gauge(server) == 6
+            for ws in more + bus[4:] + telemetry[1:]:
+                ws.close()
+            await asyncio.wait_for(py[1].close(), 5 * SLOW)
+            wait_gauge(server, 0)
+        finally:
+            for ws in bus + telemetry:
+                ws.close()
+            for ws in py:
+                await ws.close()
+    asyncio.run(run())
+    m = server.metrics()
+    assert m["arqonbus_connections_opened_total"] == 12
+    assert closed_total(m) == 12
