@@ -66,3 +66,16 @@ int arq_utf8_validate(const uint8_t *p, size_t n) {
     return ARQ_EUTF8;
   return 0;
 }
+
+void arq_utf8_repair(char *s) {
+  size_t n = strlen(s);
+  for (size_t i = 0; i < n;) {
+    uint8_t c = (uint8_t)s[i];
+    size_t len = c < 0x80 ? 1 : c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
+    if (len > 0 && i + len <= n && arq_utf8_validate((const uint8_t *)s + i, len) == 0) {
+      i += len;
+    } else {
+      s[i++] = '?';
+    }
+  }
+}

@@ -27,5 +27,9 @@ int arq_utf8_feed(arq_utf8_t *s, const uint8_t *p, size_t n);
 static inline bool arq_utf8_complete(const arq_utf8_t *s) { return s->need == 0; }
 /* Validates a whole text at once. Returns 0 or ARQ_EUTF8. */
 int arq_utf8_validate(const uint8_t *p, size_t n);
+/* Replaces, in place, every byte of the NUL-terminated 's' that is not part
+ * of a valid UTF-8 sequence with '?' (for text built from what a peer sent,
+ * such as a quoted name cut at a byte limit). */
+void arq_utf8_repair(char *s);
 
 #endif

@@ -1,0 +1,618 @@
+/* The bus: client lifecycle, receiving, routing (see bus.h).
+ *
+ * Every entry point from the shell runs between enter() and leave(). A
+ * client that disconnects while the bus is inside (a send made the shell close
+ * a slow consumer, say) is only marked gone and queued; leave() removes it
+ * when the outermost entry point returns, so no loop ever walks an array that
+ * changes under it.
+ *
+ * Routing an event: validate once, build the outgoing envelope once, encode
+ * it once into a frame, store that frame in history, then hand the same frame
+ * to every recipient. A room-wide event stamps each client it reaches with the
+ * round number, so a client in several of the room's channels gets it once.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "bus/bus_int.h"
+#include "util/alloc.h"
+#include "util/err.h"
+#include "util/time.h"
+#include "wire/frame.h"
+#include "wire/utf8.h"
+
+void arq_bus_opts_defaults(arq_bus_opts_t *o) {
+  memset(o, 0, sizeof *o);
+  o->server_version = "0";
+  o->heartbeat_interval_ms = 25000;
+  o->max_message_size = 1 << 20;
+  o->max_envelope_size = 512 << 10;
+  o->history_size = 500;
+  o->history_default_limit = 50;
+  o->history_max_limit = 500;
+  o->max_malformed = 10;
+  o->channel_ttl_ms = 300000;
+}
+
+static char **copy_list(const char *const *l) {
+  size_t n = 0;
+  while (l && l[n])
+    n++;
+  char **out = arq_calloc(n + 1, sizeof *out);
+  for (size_t i = 0; i < n; i++)
+    out[i] = arq_strdup(l[i]);
+  return out;
+}
+
+static void free_list(char **l) {
+  for (size_t i = 0; l && l[i]; i++)
+    arq_free(l[i]);
+  arq_free(l);
+}
+
+arq_bus_t *arq_bus_new(const arq_bus_opts_t *o, const arq_bus_io_t *io, arq_history_t *history, char *err,
+                       size_t errcap) {
+  arq_bus_t *b = arq_calloc(1, sizeof *b);
+  b->o = *o;
+  b->o.server_version = arq_strdup(o->server_version ? o->server_version : "0");
+  b->bootstrap = copy_list(o->bootstrap);
+  b->admins = copy_list(o->admins);
+  b->o.bootstrap = (const char *const *)b->bootstrap;
+  b->o.admins = (const char *const *)b->admins;
+  b->io = *io;
+  b->history = history;
+  b->started_at = arq_time_wall_ms();
+  arq_list_init(&b->dead);
+  for (size_t i = 0; b->admins[i]; i++) {
+    if (!arq_names_valid_client_id(b->admins[i], strlen(b->admins[i]))) {
+      snprintf(err, errcap, "admin \"%.64s\" is not a valid client id", b->admins[i]);
+      goto fail;
+    }
+  }
+  for (size_t i = 0; b->bootstrap[i]; i++) {
+    char r[ARQ_NAME_MAX + 1], c[ARQ_NAME_MAX + 1];
+    bool created;
+    if (arq_names_split(b->bootstrap[i], r, c) != 0 || !c[0]) {
+      snprintf(err, errcap, "bootstrap channel \"%.64s\" is not a valid room:channel", b->bootstrap[i]);
+      goto fail;
+    }
+    arq_router_ensure(b, r, c, &created)->bootstrap = true;
+  }
+  return b;
+fail:
+  arq_bus_free(b);
+  return NULL;
+}
+
+static void client_unref(arq_client_t *c) {
+  if (--c->refs > 0)
+    return;
+  arq_free(c->screen_name);
+  arq_free(c->avatar);
+  arq_free(c->personality);
+  arq_free(c->subs);
+  arq_free(c);
+}
+
+void arq_bus_free(arq_bus_t *b) {
+  if (!b)
+    return;
+  arq_client_t *c, *ctmp;
+  HASH_ITER(hh, b->clients, c, ctmp) {
+    HASH_DEL(b->clients, c);
+    client_unref(c);
+  }
+  arq_channel_t *ch, *tmp;
+  HASH_ITER(hh, b->channels, ch, tmp) arq_router_remove(b, ch);
+  if (b->history)
+    b->history->ops->free(b->history);
+  free_list(b->bootstrap);
+  free_list(b->admins);
+  arq_free((char *)b->o.server_version);
+  arq_buf_free(&b->scratch);
+  arq_free(b);
+}
+
+/* ---- entry and exit ----------------------------------------------------- */
+
+static void remove_client(arq_bus_t *b, arq_client_t *c);
+
+static void enter(arq_bus_t *b) { b->depth++; }
+
+static void leave(arq_bus_t *b) {
+  if (--b->depth > 0)
+    return;
+  b->depth++; /* removals notify channels, which may close more clients */
+  arq_list_t *n;
+  while ((n = arq_list_head(&b->dead))) {
+    arq_list_remove(n);
+    remove_client(b, ARQ_CONTAINER_OF(n, arq_client_t, node_dead));
+  }
+  b->depth--;
+}
+
+/* ---- ids and sending ---------------------------------------------------- */
+
+static uint64_t mix(uint64_t x) { /* splitmix64 */
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+void arq_bus_new_id(arq_bus_t *b, char *out) {
+  /* Time first so ids sort roughly by creation; then this process; then a
+   * counter, so two ids of one process never collide. */
+  snprintf(out, 40, "arq_%011llx%06llx%07llx", (unsigned long long)(arq_time_wall_ms() & 0xfffffffffffULL),
+           (unsigned long long)(mix(b->o.seed) & 0xffffff), (unsigned long long)(b->ids++ & 0xfffffff));
+}
+
+static bool deliver(arq_bus_t *b, arq_client_t *c, arq_rcbuf_t *frame, arq_msg_type_t type) {
+  if (c->gone || !c->conn)
+    return false;
+  if (!b->io.send(b->io.ud, c->conn, frame))
+    return false;
+  c->msgs_out++;
+  b->st.delivered[type]++;
+  return true;
+}
+
+/* Encodes 'obj' once into a frame (one reference, caller owns) and releases
+ * 'obj'. '*off' and '*len' locate the JSON text in the frame. */
+static arq_rcbuf_t *encode(arq_bus_t *b, json_t *obj, size_t *off, size_t *len) {
+  arq_rcbuf_t *f = arq_env_frame(obj, &b->scratch, off, len);
+  json_decref(obj);
+  return f;
+}
+
+void arq_bus_send_to(arq_bus_t *b, arq_client_t *c, json_t *obj, arq_msg_type_t type) {
+  size_t off, len;
+  arq_rcbuf_t *f = encode(b, obj, &off, &len);
+  deliver(b, c, f, type);
+  arq_rcbuf_unref(f);
+}
+
+static json_t *server_envelope(arq_bus_t *b, arq_msg_type_t type, const char *room, const char *channel,
+                               const char *command, json_t *payload, const char *correlation_id) {
+  char id[40], ts[32];
+  arq_bus_new_id(b, id);
+  arq_time_iso8601(arq_time_wall_ms(), ts, sizeof ts);
+  arq_env_out_t o = {.type = type, .id = id, .room = room, .channel = channel, .command = command,
+                     .payload = payload, .timestamp = ts, .correlation_id = correlation_id};
+  json_t *obj = arq_env_build(&o);
+  json_decref(payload);
+  return obj;
+}
+
+void arq_bus_notify(arq_bus_t *b, arq_channel_t *ch, const arq_client_t *skip, const char *event, json_t *fields) {
+  json_t *payload = json_object();
+  json_object_set_new(payload, "event", json_string(event));
+  json_object_update(payload, fields);
+  json_decref(fields);
+  json_t *obj = server_envelope(b, ARQ_MSG_SYSTEM, ch->room->name, ch->name, NULL, payload, NULL);
+  size_t off, len;
+  arq_rcbuf_t *f = encode(b, obj, &off, &len);
+  for (size_t i = 0; i < ch->nmembers; i++)
+    if (ch->members[i]->client != skip)
+      deliver(b, ch->members[i]->client, f, ARQ_MSG_SYSTEM);
+  arq_rcbuf_unref(f);
+}
+
+void arq_bus_notify_room(arq_bus_t *b, arq_room_t *r, arq_channel_t *about, const char *event, json_t *fields) {
+  json_t *payload = json_object();
+  json_object_set_new(payload, "event", json_string(event));
+  json_object_update(payload, fields);
+  json_decref(fields);
+  json_t *obj = server_envelope(b, ARQ_MSG_SYSTEM, r->name, about->name, NULL, payload, NULL);
+  size_t off, len;
+  arq_rcbuf_t *f = encode(b, obj, &off, &len);
+  b->round++;
+  arq_list_t *n, *tmp;
+  arq_list_foreach_safe(n, tmp, &r->channels) {
+    arq_channel_t *ch = ARQ_CONTAINER_OF(n, arq_channel_t, node_room);
+    for (size_t i = 0; i < ch->nmembers; i++) {
+      arq_client_t *m = ch->members[i]->client;
+      if (m->mark == b->round)
+        continue;
+      m->mark = b->round;
+      deliver(b, m, f, ARQ_MSG_SYSTEM);
+    }
+  }
+  arq_rcbuf_unref(f);
+}
+
+void arq_bus_reply(arq_bus_t *b, arq_client_t *c, const arq_env_t *req, const char *command, json_t *payload) {
+  json_t *obj = server_envelope(b, ARQ_MSG_SYSTEM, NULL, NULL, command, payload, req->id);
+  arq_bus_send_to(b, c, obj, ARQ_MSG_SYSTEM);
+}
+
+void arq_bus_error(arq_bus_t *b, arq_client_t *c, const char *correlation_id, const char *command, arq_code_t code,
+                   json_t *details, const char *fmt, ...) {
+  char msg[320];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  arq_utf8_repair(msg); /* quotes of what a client sent may be cut mid-character */
+  json_t *payload = json_pack("{s:s, s:s}", "code", arq_code_name(code), "message", msg);
+  if (details) {
+    json_object_update(payload, details);
+    json_decref(details);
+  }
+  b->st.errors[code]++;
+  json_t *obj = server_envelope(b, ARQ_MSG_ERROR, NULL, NULL, command, payload, correlation_id);
+  arq_bus_send_to(b, c, obj, ARQ_MSG_ERROR);
+}
+
+/* ---- clients ------------------------------------------------------------ */
+
+const char *arq_client_id(const arq_client_t *c) { return c->id; }
+
+bool arq_bus_is_admin(const arq_bus_t *b, const arq_client_t *c) {
+  if (!b->admins[0])
+    return true;
+  for (size_t i = 0; b->admins[i]; i++)
+    if (strcmp(b->admins[i], c->id) == 0)
+      return true;
+  return false;
+}
+
+static void set_opt_str(json_t *o, const char *k, const char *v) {
+  if (v)
+    json_object_set_new(o, k, json_string(v));
+}
+
+json_t *arq_bus_client_json(const arq_client_t *c, bool with_subs) {
+  char con[32], act[32];
+  arq_time_iso8601(c->connected_at, con, sizeof con);
+  arq_time_iso8601(c->last_activity, act, sizeof act);
+  json_t *o = json_pack("{s:s, s:s}", "client_id", c->id, "client_type", arq_client_type_name(c->type));
+  set_opt_str(o, "screen_name", c->screen_name);
+  set_opt_str(o, "avatar", c->avatar);
+  set_opt_str(o, "personality", c->personality);
+  json_object_set_new(o, "connected_at", json_string(con));
+  json_object_set_new(o, "last_activity", json_string(act));
+  json_object_set_new(o, "messages_sent", json_integer((json_int_t)c->msgs_in));
+  json_object_set_new(o, "messages_received", json_integer((json_int_t)c->msgs_out));
+  if (with_subs) {
+    json_t *subs = json_array();
+    for (size_t i = 0; i < c->nsubs; i++)
+      json_array_append_new(subs, json_string(c->subs[i]->channel->key));
+    json_object_set_new(o, "subscriptions", subs);
+  }
+  return o;
+}
+
+static void generate_client_id(arq_bus_t *b, char *out) {
+  for (;;) {
+    snprintf(out, ARQ_NAME_MAX + 1, "client-%012llx",
+             (unsigned long long)(mix(b->o.seed ^ mix(b->ids++)) & 0xffffffffffffULL));
+    arq_client_t *other = NULL;
+    HASH_FIND_STR(b->clients, out, other);
+    if (!other)
+      return;
+  }
+}
+
+json_t *arq_bus_member_fields(const arq_client_t *c, const arq_channel_t *ch) {
+  json_t *f = json_pack("{s:s, s:s, s:I}", "client_id", c->id, "client_type", arq_client_type_name(c->type), "members",
+                        (json_int_t)ch->nmembers);
+  set_opt_str(f, "screen_name", c->screen_name);
+  return f;
+}
+
+static void send_welcome(arq_bus_t *b, arq_client_t *c) {
+  json_t *limits = json_pack("{s:I, s:I, s:I, s:I, s:I, s:I}", "max_message_size", (json_int_t)b->o.max_message_size,
+                             "max_envelope_size", (json_int_t)b->o.max_envelope_size, "history_size",
+                             (json_int_t)b->o.history_size, "history_max_limit", (json_int_t)b->o.history_max_limit,
+                             "max_recipients", (json_int_t)ARQ_ENV_MAX_TO, "max_malformed",
+                             (json_int_t)b->o.max_malformed);
+  json_t *payload = json_pack("{s:s, s:s, s:s, s:s, s:s, s:I, s:b, s:o}", "event", "welcome", "client_id", c->id,
+                              "client_type", arq_client_type_name(c->type), "server_version", b->o.server_version,
+                              "protocol_version", "1.0", "heartbeat_interval_ms",
+                              (json_int_t)b->o.heartbeat_interval_ms, "echo", c->echo, "limits", limits);
+  json_t *subs = json_array();
+  for (size_t i = 0; i < c->nsubs; i++)
+    json_array_append_new(subs, json_string(c->subs[i]->channel->key));
+  json_object_set_new(payload, "subscriptions", subs);
+  arq_bus_send_to(b, c, server_envelope(b, ARQ_MSG_SYSTEM, NULL, NULL, NULL, payload, NULL), ARQ_MSG_SYSTEM);
+}
+
+static void mark_gone(arq_bus_t *b, arq_client_t *c) {
+  c->gone = true;
+  c->conn = NULL;
+  arq_client_t *cur = NULL;
+  HASH_FIND_STR(b->clients, c->id, cur);
+  if (cur == c)
+    HASH_DEL(b->clients, c);
+  b->nclients--;
+}
+
+arq_client_t *arq_bus_connect(arq_bus_t *b, void *conn, const arq_client_params_t *p, const char *remote) {
+  enter(b);
+  arq_client_t *c = arq_calloc(1, sizeof *c);
+  c->refs = 1;
+  c->conn = conn;
+  c->type = p->type;
+  c->echo = p->echo;
+  arq_list_init(&c->node_dead);
+  snprintf(c->remote, sizeof c->remote, "%s", remote ? remote : "");
+  c->screen_name = p->screen_name[0] ? arq_strdup(p->screen_name) : NULL;
+  c->avatar = p->avatar[0] ? arq_strdup(p->avatar) : NULL;
+  c->personality = p->personality[0] ? arq_strdup(p->personality) : NULL;
+  c->connected_at = c->last_activity = arq_time_wall_ms();
+  if (p->client_id[0]) {
+    snprintf(c->id, sizeof c->id, "%s", p->client_id);
+    arq_client_t *old = NULL;
+    HASH_FIND_STR(b->clients, c->id, old);
+    if (old) {
+      /* The newest connection wins: a client reconnecting before the server
+       * noticed its old connection die must not be locked out. The old one
+       * leaves its channels now, before the new one joins any. */
+      void *old_conn = old->conn;
+      mark_gone(b, old);
+      remove_client(b, old);
+      b->io.close(b->io.ud, old_conn, 4001, "replaced by a new connection with the same client_id");
+    }
+  } else {
+    generate_client_id(b, c->id);
+  }
+  HASH_ADD_STR(b->clients, id, c);
+  b->nclients++;
+  if (p->room[0]) {
+    snprintf(c->init_room, sizeof c->init_room, "%s", p->room);
+    snprintf(c->init_channel, sizeof c->init_channel, "%s", p->channel);
+    bool created;
+    arq_channel_t *ch = arq_router_ensure(b, p->room, p->channel, &created);
+    arq_router_join(b, c, ch);
+    send_welcome(b, c);
+    arq_bus_notify(b, ch, c, "client_joined", arq_bus_member_fields(c, ch));
+  } else {
+    send_welcome(b, c);
+  }
+  leave(b);
+  return c;
+}
+
+void arq_bus_quiesce(arq_bus_t *b) { b->quiet = true; }
+
+static void remove_client(arq_bus_t *b, arq_client_t *c) {
+  while (c->nsubs > 0) {
+    arq_channel_t *ch = c->subs[c->nsubs - 1]->channel;
+    bool last = b->quiet || (ch->nmembers == 1 && !ch->bootstrap && b->o.channel_ttl_ms == 0);
+    json_t *fields = arq_bus_member_fields(c, ch);
+    arq_router_leave(b, c, ch);
+    if (!last) {
+      json_object_set_new(fields, "members", json_integer((json_int_t)ch->nmembers));
+      json_object_set_new(fields, "reason", json_string("disconnected"));
+      arq_bus_notify(b, ch, NULL, "client_left", fields);
+    } else {
+      json_decref(fields);
+    }
+  }
+  client_unref(c);
+}
+
+void arq_bus_disconnect(arq_bus_t *b, arq_client_t *c) {
+  if (c->gone)
+    return;
+  mark_gone(b, c);
+  if (b->depth > 0) {
+    arq_list_push_back(&b->dead, &c->node_dead);
+    return;
+  }
+  enter(b);
+  remove_client(b, c);
+  leave(b);
+}
+
+/* ---- receiving and routing ---------------------------------------------- */
+
+static void malformed(arq_bus_t *b, arq_client_t *c, const arq_env_error_t *err) {
+  arq_bus_error(b, c, err->correlation_id, NULL, err->code, NULL, "%s", err->message);
+  if (b->o.max_malformed && ++c->malformed >= b->o.max_malformed && !c->gone) {
+    b->st.malformed_closes++;
+    void *conn = c->conn;
+    arq_bus_disconnect(b, c);
+    b->io.close(b->io.ud, conn, 1008, "too many malformed messages");
+  }
+}
+
+/* Builds the envelope as delivered: the sender's fields, plus the id and
+ * timestamp it left out, and 'from' always the sender. */
+static json_t *outgoing(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, char *id) {
+  char ts[32];
+  if (e->id)
+    snprintf(id, 130, "%s", e->id);
+  else
+    arq_bus_new_id(b, id);
+  if (!e->timestamp)
+    arq_time_iso8601(arq_time_wall_ms(), ts, sizeof ts);
+  json_t *extra = arq_env_extra(e);
+  arq_env_out_t o = {.type = e->type, .minor = e->minor, .version = e->minor ? e->version : NULL, .id = id, .room = e->room, .channel = e->channel,
+                     .from = c->id, .to = e->to, .payload = e->payload, .metadata = e->metadata,
+                     .timestamp = e->timestamp ? e->timestamp : ts, .correlation_id = e->correlation_id,
+                     .extra = extra};
+  json_t *obj = arq_env_build(&o);
+  json_decref(extra);
+  return obj;
+}
+
+static void route_event(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
+  if (!e->room[0]) { /* the initial channel (arq_bus_receive checked there is one) */
+    strcpy(e->room, c->init_room);
+    strcpy(e->channel, c->init_channel);
+  }
+  char id[130];
+  size_t off, len;
+  arq_rcbuf_t *f = encode(b, outgoing(b, c, e, id), &off, &len);
+  b->round++;
+  if (e->channel[0]) {
+    bool created;
+    arq_channel_t *ch = arq_router_ensure(b, e->room, e->channel, &created);
+    ch->messages++;
+    b->history->ops->append(b->history, e->room, e->channel, id, f, off, len);
+    for (size_t i = 0; i < ch->nmembers; i++) {
+      arq_client_t *m = ch->members[i]->client;
+      if (m != c || c->echo)
+        deliver(b, m, f, ARQ_MSG_EVENT);
+    }
+  } else {
+    arq_room_t *r = arq_router_find_room(b, e->room);
+    arq_list_t *n, *tmp;
+    if (r) {
+      arq_list_foreach_safe(n, tmp, &r->channels) {
+        arq_channel_t *ch = ARQ_CONTAINER_OF(n, arq_channel_t, node_room);
+        for (size_t i = 0; i < ch->nmembers; i++) {
+          arq_client_t *m = ch->members[i]->client;
+          if (m->mark == b->round || (m == c && !c->echo))
+            continue;
+          m->mark = b->round;
+          deliver(b, m, f, ARQ_MSG_EVENT);
+        }
+      }
+    }
+  }
+  arq_rcbuf_unref(f);
+}
+
+static void route_private(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
+  size_t n = json_array_size(e->to);
+  json_t *unknown = json_array();
+  char id[130];
+  size_t off, len;
+  arq_rcbuf_t *f = encode(b, outgoing(b, c, e, id), &off, &len);
+  b->round++;
+  for (size_t i = 0; i < n; i++) {
+    const char *to = json_string_value(json_array_get(e->to, i));
+    arq_client_t *m = NULL;
+    HASH_FIND_STR(b->clients, to, m);
+    if (!m) {
+      json_array_append_new(unknown, json_string(to));
+      continue;
+    }
+    if (m->mark == b->round)
+      continue;
+    m->mark = b->round;
+    deliver(b, m, f, ARQ_MSG_PRIVATE);
+  }
+  arq_rcbuf_unref(f);
+  if (json_array_size(unknown) > 0) {
+    arq_bus_error(b, c, e->id, NULL, ARQ_CODE_NOT_FOUND, json_pack("{s:o}", "unknown", unknown),
+                  "%zu of %zu recipients are not connected; the others got the message", json_array_size(unknown), n);
+  } else {
+    json_decref(unknown);
+  }
+}
+
+void arq_bus_receive(arq_bus_t *b, arq_client_t *c, const char *data, size_t len, bool binary) {
+  if (c->gone)
+    return;
+  enter(b);
+  c->last_activity = arq_time_wall_ms();
+  arq_env_error_t err = {0};
+  arq_env_t e;
+  if (binary) {
+    err.code = ARQ_CODE_UNSUPPORTED_FRAME;
+    snprintf(err.message, sizeof err.message, "binary frames are not accepted; send envelopes as text frames");
+    malformed(b, c, &err);
+    goto out;
+  }
+  if (len > b->o.max_envelope_size) {
+    err.code = ARQ_CODE_PAYLOAD_TOO_LARGE;
+    snprintf(err.message, sizeof err.message, "the message is %zu bytes; envelopes may be at most %llu bytes", len,
+             (unsigned long long)b->o.max_envelope_size);
+    malformed(b, c, &err);
+    goto out;
+  }
+  if (arq_env_parse(&e, data, len, &err) != 0) {
+    malformed(b, c, &err);
+    goto out;
+  }
+  if (e.type == ARQ_MSG_EVENT && !e.room[0] && !c->init_room[0]) {
+    err.code = ARQ_CODE_INVALID_ENVELOPE;
+    snprintf(err.correlation_id, sizeof err.correlation_id, "%s", e.id ? e.id : "");
+    snprintf(err.message, sizeof err.message,
+             "an event needs \"room\" and \"channel\" (this connection has no initial channel)");
+    arq_env_free(&e);
+    malformed(b, c, &err);
+    goto out;
+  }
+  c->malformed = 0;
+  c->msgs_in++;
+  char assigned[40];
+  if (!e.id && e.type == ARQ_MSG_COMMAND) {
+    /* Replies always carry a correlation_id; a request without an id gets
+     * one, which its reply then names. */
+    arq_bus_new_id(b, assigned);
+    e.id = assigned;
+  }
+  b->st.received[e.type]++;
+  switch (e.type) {
+  case ARQ_MSG_EVENT:
+    route_event(b, c, &e);
+    break;
+  case ARQ_MSG_PRIVATE:
+    route_private(b, c, &e);
+    break;
+  case ARQ_MSG_COMMAND:
+    arq_commands_run(b, c, &e);
+    break;
+  case ARQ_MSG_TELEMETRY:
+    arq_bus_error(b, c, e.id, NULL, ARQ_CODE_FORBIDDEN, NULL,
+                  "telemetry envelopes from clients are not accepted by this server yet");
+    break;
+  default:
+    arq_bus_error(b, c, e.id, NULL, ARQ_CODE_FORBIDDEN, NULL, "clients may not send %s envelopes",
+                  arq_msg_type_name(e.type));
+    break;
+  }
+  arq_env_free(&e);
+out:
+  leave(b);
+}
+
+void arq_bus_tick(arq_bus_t *b, uint64_t now_ms) {
+  enter(b);
+  b->now_mono = now_ms;
+  arq_router_sweep(b, now_ms);
+  leave(b);
+}
+
+/* ---- figures ------------------------------------------------------------ */
+
+void arq_bus_stats(const arq_bus_t *b, arq_bus_stats_t *s) {
+  *s = b->st;
+  s->clients = b->nclients;
+  s->rooms = HASH_COUNT(b->rooms);
+  s->channels = HASH_COUNT(b->channels);
+  s->history_messages = b->history->ops->total(b->history);
+}
+
+json_t *arq_bus_status(const arq_bus_t *b) {
+  char started[32];
+  arq_time_iso8601(b->started_at, started, sizeof started);
+  arq_bus_stats_t s;
+  arq_bus_stats(b, &s);
+  uint64_t received = 0, delivered = 0;
+  for (int i = 0; i < ARQ_MSG_NTYPES; i++) {
+    received += s.received[i];
+    delivered += s.delivered[i];
+  }
+  json_t *by_type = json_object();
+  for (int t = 0; t < ARQ_CLIENT_NTYPES; t++)
+    json_object_set_new(by_type, arq_client_type_name((arq_client_type_t)t), json_integer(0));
+  const arq_client_t *c, *tmp;
+  HASH_ITER(hh, b->clients, c, tmp) {
+    const char *tn = arq_client_type_name(c->type);
+    json_object_set_new(by_type, tn, json_integer(json_integer_value(json_object_get(by_type, tn)) + 1));
+  }
+  return json_pack("{s:{s:s, s:s, s:s, s:I}, s:{s:I, s:o}, s:I, s:I, s:{s:I, s:I}, s:{s:s, s:I, s:I}}", "server",
+                   "name", "arqonbus", "version", b->o.server_version, "started_at", started, "uptime_seconds",
+                   (json_int_t)((arq_time_wall_ms() - b->started_at) / 1000), "clients", "total",
+                   (json_int_t)s.clients, "by_type", by_type, "rooms", (json_int_t)s.rooms, "channels",
+                   (json_int_t)s.channels, "messages", "received", (json_int_t)received, "delivered",
+                   (json_int_t)delivered, "history", "backend", "memory", "messages",
+                   (json_int_t)s.history_messages, "capacity_per_channel", (json_int_t)b->o.history_size);
+}

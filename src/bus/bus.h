@@ -1,0 +1,131 @@
+/* The message bus: clients, rooms and channels, routing, commands, history.
+ *
+ * The bus is an object passed explicitly (several event-loop threads could
+ * one day each own one and exchange published messages). It does no I/O: the
+ * network shell hands it what clients send, and it hands back frames to send
+ * and connections to close through the callbacks in arq_bus_io_t. A message
+ * for many recipients is validated once, encoded once into one frame, and
+ * that frame is given by reference to every recipient.
+ *
+ * Callbacks may re-enter the bus (a send that closes a slow consumer makes the
+ * shell call arq_bus_disconnect()); the bus defers such removals until it is
+ * back at its outermost entry point, so routing never walks a changing list.
+ */
+#ifndef ARQ_BUS_BUS_H
+#define ARQ_BUS_BUS_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "bus/envelope.h"
+#include "bus/history.h"
+#include "util/rcbuf.h"
+
+typedef struct arq_bus arq_bus_t;
+typedef struct arq_client arq_client_t;
+
+/* How the bus reaches connections. 'conn' is the shell's handle. */
+typedef struct arq_bus_io {
+  /* Queues 'frame' (borrowed; take a reference to keep it). Returns false
+   * when the connection did not take it (closing, or just closed as slow). */
+  bool (*send)(void *ud, void *conn, arq_rcbuf_t *frame);
+  /* Starts closing 'conn' with WebSocket close 'code' and 'why'. The bus has
+   * already disconnected the client on 'conn': the shell must forget it and
+   * never pass it to the bus again. */
+  void (*close)(void *ud, void *conn, uint16_t code, const char *why);
+  void *ud;
+} arq_bus_io_t;
+
+typedef struct arq_bus_opts {
+  const char *server_version;
+  uint64_t heartbeat_interval_ms;  /* announced in the welcome */
+  uint64_t max_message_size;       /* announced in the welcome */
+  uint64_t max_envelope_size;      /* larger messages get payload_too_large */
+  size_t history_size;             /* messages kept per channel */
+  size_t history_default_limit;    /* history without 'limit' */
+  size_t history_max_limit;        /* cap on 'limit' */
+  unsigned max_malformed;          /* malformed messages in a row before a 1008 close; 0: never */
+  uint64_t channel_ttl_ms;         /* how long an empty channel lives; 0: removed at once */
+  const char *const *bootstrap;    /* "room:channel" names that always exist; NULL-terminated */
+  const char *const *admins;       /* client ids allowed privileged commands; NULL or empty: all */
+  uint64_t seed;                   /* makes generated ids unique to this process */
+} arq_bus_opts_t;
+
+/* Fills 'o' with the documented defaults (no bootstrap channels, no admins). */
+void arq_bus_opts_defaults(arq_bus_opts_t *o);
+
+/* Returns a new bus (caller owns). 'o' and its strings are copied; 'io' is
+ * copied; the bus takes ownership of 'history'. Returns NULL with a message in
+ * 'err' when a bootstrap channel or admin id is not a valid name. */
+arq_bus_t *arq_bus_new(const arq_bus_opts_t *o, const arq_bus_io_t *io, arq_history_t *history, char *err,
+                       size_t errcap);
+/* Releases the bus. Clients must have been disconnected first. */
+void arq_bus_free(arq_bus_t *b);
+
+/* What a client says about itself in the query string of its upgrade. */
+typedef enum { ARQ_CLIENT_HUMAN = 0, ARQ_CLIENT_AI_AGENT, ARQ_CLIENT_DASHBOARD, ARQ_CLIENT_SERVICE, ARQ_CLIENT_NTYPES } arq_client_type_t;
+
+typedef struct arq_client_params {
+  char client_id[ARQ_NAME_MAX + 1];  /* "" when not given */
+  arq_client_type_t type;
+  char screen_name[129];
+  char avatar[513];
+  char personality[513];
+  char room[ARQ_NAME_MAX + 1];       /* initial channel, "" when not given */
+  char channel[ARQ_NAME_MAX + 1];
+  bool echo;                         /* deliver the client's own events back to it */
+} arq_client_params_t;
+
+/* Parses the upgrade's query string ('n' bytes at 'q', without '?'; may be
+ * empty) into 'p'. Unknown parameters are ignored. Returns 0, or ARQ_EINVAL
+ * with one line naming the parameter in 'err' (answered with HTTP 400). */
+int arq_bus_parse_params(const char *q, size_t n, arq_client_params_t *p, char *err, size_t errcap);
+
+/* Adds a connected client: assigns its id if it gave none, closes an older
+ * connection with the same id (close 4001, "replaced"), sends the welcome and
+ * joins the initial channel. 'conn' is the shell's handle; 'remote' is copied.
+ * Returns the client (owned by the bus until arq_bus_disconnect). */
+arq_client_t *arq_bus_connect(arq_bus_t *b, void *conn, const arq_client_params_t *p, const char *remote);
+
+/* Removes 'c': leaves its channels (telling them) and forgets its handle. The
+ * bus never calls io for this client again. */
+void arq_bus_disconnect(arq_bus_t *b, arq_client_t *c);
+
+/* Handles one complete message from 'c' ('len' bytes at 'data'; 'binary' for
+ * a binary frame). */
+void arq_bus_receive(arq_bus_t *b, arq_client_t *c, const char *data, size_t len, bool binary);
+
+/* Tells the bus that every client is about to go (a shutdown): departures
+ * are no longer announced to the channels, which would only queue a flood of
+ * client_left notifications behind each remaining client's close. */
+void arq_bus_quiesce(arq_bus_t *b);
+
+/* Periodic work (removing channels empty for longer than their ttl); 'now'
+ * is a monotonic clock in milliseconds. */
+void arq_bus_tick(arq_bus_t *b, uint64_t now_ms);
+
+/* Returns the client's id (borrowed). */
+const char *arq_client_id(const arq_client_t *c);
+
+/* Counters for metrics and status. */
+typedef struct arq_bus_stats {
+  uint64_t clients;
+  uint64_t rooms;
+  uint64_t channels;
+  uint64_t received[ARQ_MSG_NTYPES];  /* valid envelopes from clients, by type */
+  uint64_t delivered[ARQ_MSG_NTYPES]; /* envelopes queued to clients, by type */
+  uint64_t errors[ARQ_CODE_NCODES];   /* error envelopes sent, by code */
+  uint64_t malformed_closes;
+  uint64_t history_messages;
+} arq_bus_stats_t;
+
+/* Fills 's' with the bus's current figures. */
+void arq_bus_stats(const arq_bus_t *b, arq_bus_stats_t *s);
+
+/* Returns the bus state as the status command and /status show it (caller
+ * owns). */
+json_t *arq_bus_status(const arq_bus_t *b);
+
+#endif

@@ -1,0 +1,138 @@
+/* Internals shared by the bus's source files (bus.c, router.c, commands.c).
+ * Not for other modules: they use bus.h.
+ */
+#ifndef ARQ_BUS_BUS_INT_H
+#define ARQ_BUS_BUS_INT_H
+
+#include <uthash.h>
+
+#include "bus/bus.h"
+#include "util/list.h"
+
+typedef struct arq_room arq_room_t;
+typedef struct arq_channel arq_channel_t;
+
+/* One subscription: a client in a channel. Owned by the client; 'idx' is its
+ * place in the channel's member array, which makes leaving O(1). */
+typedef struct arq_sub {
+  arq_client_t *client;
+  arq_channel_t *channel;
+  size_t idx;
+} arq_sub_t;
+
+struct arq_channel {
+  char key[2 * ARQ_NAME_MAX + 2]; /* "room:channel", the hash key */
+  char name[ARQ_NAME_MAX + 1];
+  arq_room_t *room;
+  arq_sub_t **members;
+  size_t nmembers, cap;
+  bool bootstrap;
+  uint64_t created_at;   /* wall ms */
+  bool empty;            /* no members (its ttl runs) */
+  uint64_t empty_since;  /* bus time when it became empty; 0: before the first tick */
+  uint64_t messages;     /* events routed to it */
+  arq_list_t node_room;  /* in room->channels */
+  UT_hash_handle hh;     /* in bus->channels */
+};
+
+struct arq_room {
+  char name[ARQ_NAME_MAX + 1];
+  arq_list_t channels;
+  size_t nchannels;
+  UT_hash_handle hh;
+};
+
+struct arq_client {
+  char id[ARQ_NAME_MAX + 1];
+  arq_client_type_t type;
+  char *screen_name, *avatar, *personality; /* NULL when not given */
+  char remote[56];
+  void *conn;            /* NULL once disconnected */
+  unsigned refs;         /* the bus's own while connected, plus pending async work */
+  bool gone;
+  bool echo;
+  unsigned malformed;    /* malformed messages in a row */
+  uint64_t connected_at, last_activity; /* wall ms */
+  uint64_t msgs_in, msgs_out;
+  uint64_t mark;         /* last routing round that reached this client */
+  char init_room[ARQ_NAME_MAX + 1], init_channel[ARQ_NAME_MAX + 1];
+  arq_sub_t **subs;
+  size_t nsubs, subcap;
+  arq_list_t node_dead;
+  UT_hash_handle hh;     /* in bus->clients, by id */
+};
+
+struct arq_bus {
+  arq_bus_opts_t o;
+  char **bootstrap, **admins; /* owned copies, NULL-terminated */
+  arq_bus_io_t io;
+  arq_history_t *history;
+  arq_client_t *clients;
+  arq_room_t *rooms;
+  arq_channel_t *channels;
+  size_t nclients;
+  unsigned depth;        /* nesting of entry points */
+  bool quiet;            /* shutting down: departures are not announced */
+  arq_list_t dead;       /* clients disconnected while depth > 0 */
+  uint64_t round;        /* routing rounds, for arq_client.mark */
+  uint64_t ids;          /* generated ids so far */
+  uint64_t now_mono;     /* last tick */
+  uint64_t started_at;   /* wall ms */
+  arq_buf_t scratch;
+  arq_bus_stats_t st;
+};
+
+/* ---- router.c: rooms, channels, memberships ----------------------------- */
+
+arq_channel_t *arq_router_find(arq_bus_t *b, const char *room, const char *channel);
+arq_room_t *arq_router_find_room(arq_bus_t *b, const char *room);
+/* Returns the channel, creating it (and its room) when missing; '*created'
+ * tells which. */
+arq_channel_t *arq_router_ensure(arq_bus_t *b, const char *room, const char *channel, bool *created);
+/* Removes the channel and every membership in it; the caller tells members. */
+void arq_router_remove(arq_bus_t *b, arq_channel_t *ch);
+/* Returns the client's subscription to 'ch', or NULL. */
+arq_sub_t *arq_router_sub(const arq_client_t *c, const arq_channel_t *ch);
+/* Subscribes 'c' to 'ch'. Returns false when it already was. */
+bool arq_router_join(arq_bus_t *b, arq_client_t *c, arq_channel_t *ch);
+/* Unsubscribes 'c' from 'ch'. Returns false when it was not subscribed. An
+ * emptied channel starts its ttl (or goes at once with ttl 0). */
+bool arq_router_leave(arq_bus_t *b, arq_client_t *c, arq_channel_t *ch);
+/* Removes channels whose ttl has run out. */
+void arq_router_sweep(arq_bus_t *b, uint64_t now_mono);
+
+/* ---- bus.c: helpers the commands use ------------------------------------ */
+
+/* Writes a new message id into 'out' (at least 40 bytes). */
+void arq_bus_new_id(arq_bus_t *b, char *out);
+/* Encodes 'obj' once and queues it to 'c'; counts it under 'type'. Steals 'obj'. */
+void arq_bus_send_to(arq_bus_t *b, arq_client_t *c, json_t *obj, arq_msg_type_t type);
+/* Sends a system notification (payload.event = 'event', plus 'fields',
+ * stolen) to every member of 'ch' except 'skip' (may be NULL). */
+void arq_bus_notify(arq_bus_t *b, arq_channel_t *ch, const arq_client_t *skip, const char *event, json_t *fields);
+/* Sends a system notification about channel 'about' to every member of any
+ * channel of room 'r', once each. Steals 'fields'. */
+void arq_bus_notify_room(arq_bus_t *b, arq_room_t *r, arq_channel_t *about, const char *event, json_t *fields);
+/* Sends the reply to a command: a system envelope with 'command' and the
+ * request's id as correlation_id; steals 'payload'. */
+void arq_bus_reply(arq_bus_t *b, arq_client_t *c, const arq_env_t *req, const char *command, json_t *payload);
+/* Sends an error envelope to 'c' for the request 'correlation_id' (may be
+ * NULL or ""), about 'command' (may be NULL); 'details' (stolen, may be NULL)
+ * is merged into the payload. */
+void arq_bus_error(arq_bus_t *b, arq_client_t *c, const char *correlation_id, const char *command, arq_code_t code,
+                   json_t *details, const char *fmt, ...) __attribute__((format(printf, 7, 8)));
+/* Returns the fields that describe 'c' in a notification about channel 'ch'
+ * (caller owns): client_id, client_type, screen_name, members. */
+json_t *arq_bus_member_fields(const arq_client_t *c, const arq_channel_t *ch);
+/* Returns the JSON description of a client for replies and status. */
+json_t *arq_bus_client_json(const arq_client_t *c, bool with_subs);
+/* True when 'c' may run privileged commands. */
+bool arq_bus_is_admin(const arq_bus_t *b, const arq_client_t *c);
+const char *arq_client_type_name(arq_client_type_t t);
+
+/* ---- commands.c --------------------------------------------------------- */
+
+/* Runs the command envelope 'e' from 'c' and replies. */
+void arq_commands_run(arq_bus_t *b, arq_client_t *c, const arq_env_t *e);
+
+#endif

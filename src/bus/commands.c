@@ -1,0 +1,346 @@
+/* The built-in commands.
+ *
+ * Each command is a row of 'commands': its name, whether it is privileged,
+ * its help text and its handler. A handler reads its arguments from the
+ * envelope (room and channel, at the top level or in the payload, in either
+ * the split or the "room:channel" form) and its payload, and answers with
+ * exactly one reply or one error, both carrying the request's id as
+ * correlation_id.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bus/bus_int.h"
+#include "util/alloc.h"
+#include "util/time.h"
+
+typedef struct cmd cmd_t;
+typedef void (*handler_t)(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd);
+
+struct cmd {
+  const char *name;
+  handler_t run;
+  bool privileged;
+  const char *args;
+  const char *help;
+};
+
+/* ---- arguments ---------------------------------------------------------- */
+
+typedef struct target {
+  char room[ARQ_NAME_MAX + 1];
+  char channel[ARQ_NAME_MAX + 1];
+} target_t;
+
+/* Finds the room and channel a command names. 'need_channel': a channel is
+ * required (else a room alone is fine, or nothing). Replies with the error and
+ * returns false when they are missing or invalid. */
+static bool target(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd, target_t *t,
+                   bool need_channel) {
+  strcpy(t->room, e->room);
+  strcpy(t->channel, e->channel);
+  json_t *p = e->payload;
+  if (!t->room[0] && p && (json_object_get(p, "room") || json_object_get(p, "channel"))) {
+    /* The same rules as the envelope's own fields: reuse its parser. */
+    json_t *probe = json_pack("{s:s}", "type", "event");
+    json_t *r = json_object_get(p, "room"), *ch = json_object_get(p, "channel");
+    if (r)
+      json_object_set(probe, "room", r);
+    if (ch)
+      json_object_set(probe, "channel", ch);
+    char *text = json_dumps(probe, JSON_COMPACT);
+    json_decref(probe);
+    arq_env_t pe;
+    arq_env_error_t err;
+    int rc = arq_env_parse(&pe, text, strlen(text), &err);
+    free(text);
+    if (rc != 0) {
+      arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_INVALID_ARGUMENT, NULL, "%s", err.message);
+      return false;
+    }
+    strcpy(t->room, pe.room);
+    strcpy(t->channel, pe.channel);
+    arq_env_free(&pe);
+  }
+  if (need_channel && !t->channel[0]) {
+    arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_INVALID_ARGUMENT, NULL,
+                  "%s needs \"room\" and \"channel\" (or \"channel\": \"room:channel\")", cmd->name);
+    return false;
+  }
+  return true;
+}
+
+static json_t *where(const target_t *t) { return json_pack("{s:s, s:s}", "room", t->room, "channel", t->channel); }
+
+static arq_channel_t *existing(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd,
+                               const target_t *t) {
+  arq_channel_t *ch = arq_router_find(b, t->room, t->channel);
+  if (!ch)
+    arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_NOT_FOUND, where(t), "no channel %s:%s", t->room, t->channel);
+  return ch;
+}
+
+/* Finds the existing channel a command names (a channel is required);
+ * replies with the error and returns NULL when there is none. */
+static arq_channel_t *named_channel(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd, target_t *t) {
+  if (!target(b, c, e, cmd, t, true))
+    return NULL;
+  return existing(b, c, e, cmd, t);
+}
+
+static json_t *channel_summary(arq_bus_t *b, const arq_channel_t *ch) {
+  char created[32];
+  arq_time_iso8601(ch->created_at, created, sizeof created);
+  return json_pack("{s:s, s:s, s:I, s:b, s:s, s:I, s:I}", "room", ch->room->name, "channel", ch->name, "members",
+                   (json_int_t)ch->nmembers, "bootstrap", ch->bootstrap, "created_at", created, "messages",
+                   (json_int_t)ch->messages, "history",
+                   (json_int_t)b->history->ops->count(b->history, ch->room->name, ch->name));
+}
+
+/* ---- handlers ----------------------------------------------------------- */
+
+static void cmd_status(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
+  json_t *s = arq_bus_status(b);
+  json_object_set_new(s, "you", arq_bus_client_json(c, true));
+  arq_bus_reply(b, c, e, cmd->name, s);
+}
+
+static void cmd_ping(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
+  char ts[32];
+  arq_time_iso8601(arq_time_wall_ms(), ts, sizeof ts);
+  json_t *p = json_pack("{s:s}", "server_time", ts);
+  if (e->payload && json_object_get(e->payload, "data"))
+    json_object_set(p, "data", json_object_get(e->payload, "data"));
+  arq_bus_reply(b, c, e, "pong", p);
+}
+
+static void cmd_create(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
+  target_t t;
+  if (!target(b, c, e, cmd, &t, true))
+    return;
+  if (arq_router_find(b, t.room, t.channel)) {
+    arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_ALREADY_EXISTS, where(&t), "channel %s:%s already exists",
+                  t.room, t.channel);
+    return;
+  }
+  bool created;
+  arq_channel_t *ch = arq_router_ensure(b, t.room, t.channel, &created);
+  /* Members of the room's other channels hear of it (once each): the new
+   * channel has no members yet. */
+  arq_bus_notify_room(b, ch->room, ch, "channel_created", json_pack("{s:s}", "by", c->id));
+  arq_bus_reply(b, c, e, cmd->name, channel_summary(b, ch));
+}
+
+static void cmd_delete(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
+  target_t t;
+  arq_channel_t *ch = named_channel(b, c, e, cmd, &t);
+  if (!ch)
+    return;
+  if (ch->bootstrap) {
+    arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_FORBIDDEN, where(&t),
+                  "%s:%s is a bootstrap channel and cannot be deleted", t.room, t.channel);
+    return;
+  }
+  size_t members = ch->nmembers;
+  arq_bus_notify(b, ch, NULL, "channel_deleted", json_pack("{s:s, s:s}", "by", c->id, "reason", "deleted"));
+  arq_router_remove(b, ch);
+  json_t *r = where(&t);
+  json_object_set_new(r, "deleted", json_true());
+  json_object_set_new(r, "removed_members", json_integer((json_int_t)members));
+  arq_bus_reply(b, c, e, cmd->name, r);
+}
+
+static void cmd_join(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
+  target_t t;
+  if (!target(b, c, e, cmd, &t, true))
+    return;
+  bool created;
+  arq_channel_t *ch = arq_router_ensure(b, t.room, t.channel, &created);
+  bool joined = arq_router_join(b, c, ch);
+  if (joined)
+    arq_bus_notify(b, ch, c, "client_joined", arq_bus_member_fields(c, ch));
+  json_t *r = channel_summary(b, ch);
+  json_object_set_new(r, "joined", json_boolean(joined));
+  json_object_set_new(r, "created", json_boolean(created));
+  arq_bus_reply(b, c, e, cmd->name, r);
+}
+
+static void cmd_leave(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
+  target_t t;
+  arq_channel_t *ch = named_channel(b, c, e, cmd, &t);
+  if (!ch)
+    return;
+  if (!arq_router_sub(c, ch)) {
+    arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_NOT_FOUND, where(&t), "you are not a member of %s:%s", t.room,
+                  t.channel);
+    return;
+  }
+  size_t left = ch->nmembers - 1;
+  json_t *fields = arq_bus_member_fields(c, ch);
+  json_object_set_new(fields, "members", json_integer((json_int_t)left));
+  json_object_set_new(fields, "reason", json_string("left"));
+  arq_router_leave(b, c, ch); /* may remove the channel: use 'left', not 'ch' */
+  if (left > 0)
+    arq_bus_notify(b, ch, NULL, "client_left", fields);
+  else
+    json_decref(fields);
+  json_t *r = where(&t);
+  json_object_set_new(r, "left", json_true());
+  json_object_set_new(r, "members", json_integer((json_int_t)left));
+  arq_bus_reply(b, c, e, cmd->name, r);
+}
+
+static int by_key(const void *a, const void *b) {
+  return strcmp((*(arq_channel_t *const *)a)->key, (*(arq_channel_t *const *)b)->key);
+}
+
+static void cmd_list(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
+  target_t t;
+  if (!target(b, c, e, cmd, &t, false))
+    return;
+  size_t n = HASH_COUNT(b->channels), k = 0;
+  arq_channel_t **all = arq_calloc(n ? n : 1, sizeof *all);
+  arq_channel_t *ch, *tmp;
+  HASH_ITER(hh, b->channels, ch, tmp) {
+    if (!t.room[0] || strcmp(ch->room->name, t.room) == 0)
+      all[k++] = ch;
+  }
+  qsort(all, k, sizeof *all, by_key);
+  json_t *list = json_array();
+  for (size_t i = 0; i < k; i++)
+    json_array_append_new(list, channel_summary(b, all[i]));
+  arq_free(all);
+  json_t *r = json_pack("{s:o, s:I}", "channels", list, "count", (json_int_t)k);
+  if (t.room[0])
+    json_object_set_new(r, "room", json_string(t.room));
+  arq_bus_reply(b, c, e, cmd->name, r);
+}
+
+static void cmd_info(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
+  target_t t;
+  arq_channel_t *ch = named_channel(b, c, e, cmd, &t);
+  if (!ch)
+    return;
+  json_t *r = channel_summary(b, ch);
+  json_t *members = json_array();
+  for (size_t i = 0; i < ch->nmembers; i++) {
+    const arq_client_t *m = ch->members[i]->client;
+    json_t *mj = json_pack("{s:s, s:s}", "client_id", m->id, "client_type", arq_client_type_name(m->type));
+    if (m->screen_name)
+      json_object_set_new(mj, "screen_name", json_string(m->screen_name));
+    json_array_append_new(members, mj);
+  }
+  json_object_set_new(r, "member_list", members);
+  json_object_set_new(r, "history_capacity", json_integer((json_int_t)b->o.history_size));
+  arq_bus_reply(b, c, e, cmd->name, r);
+}
+
+typedef struct history_call {
+  arq_bus_t *b;
+  arq_client_t *c;
+  const arq_env_t *e;
+  const cmd_t *cmd;
+  target_t t;
+  size_t limit;
+} history_call_t;
+
+static void history_done(void *ud, const arq_hist_result_t *res) {
+  history_call_t *h = ud;
+  if (res->status != 0) {
+    arq_bus_error(h->b, h->c, h->e->id, h->cmd->name, ARQ_CODE_INTERNAL, NULL, "history is unavailable");
+    return;
+  }
+  json_t *msgs = json_array();
+  for (size_t i = 0; i < res->count; i++) {
+    const arq_hist_item_t *it = res->items[i];
+    json_t *m = json_loadb((const char *)it->frame->data + it->off, it->len, 0, NULL);
+    if (m)
+      json_array_append_new(msgs, m);
+  }
+  json_t *r = where(&h->t);
+  json_object_set_new(r, "messages", msgs);
+  json_object_set_new(r, "count", json_integer((json_int_t)res->count));
+  json_object_set_new(r, "limit", json_integer((json_int_t)h->limit));
+  json_object_set_new(r, "more", json_boolean(res->more));
+  const char *since = h->e->payload ? json_string_value(json_object_get(h->e->payload, "since")) : NULL;
+  if (since) {
+    json_object_set_new(r, "since", json_string(since));
+    json_object_set_new(r, "gap", json_boolean(!res->since_found));
+  }
+  arq_bus_reply(h->b, h->c, h->e, h->cmd->name, r);
+}
+
+static void cmd_history(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
+  history_call_t h = {.b = b, .c = c, .e = e, .cmd = cmd, .limit = b->o.history_default_limit};
+  if (!target(b, c, e, cmd, &h.t, true))
+    return;
+  json_t *p = e->payload;
+  json_t *lim = p ? json_object_get(p, "limit") : NULL;
+  json_t *since = p ? json_object_get(p, "since") : NULL;
+  if (lim) {
+    if (!json_is_integer(lim) || json_integer_value(lim) < 1) {
+      arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_INVALID_ARGUMENT, NULL,
+                    "\"limit\" must be a positive integer (at most %zu)", b->o.history_max_limit);
+      return;
+    }
+    json_int_t v = json_integer_value(lim);
+    h.limit = (uint64_t)v > b->o.history_max_limit ? b->o.history_max_limit : (size_t)v;
+  }
+  if (since && (!json_is_string(since) || !arq_env_valid_id(json_string_value(since)))) {
+    arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_INVALID_ARGUMENT, NULL,
+                  "\"since\" must be the id of a message (\"arq_...\")");
+    return;
+  }
+  if (h.limit > b->o.history_max_limit)
+    h.limit = b->o.history_max_limit;
+  if (h.limit > b->o.history_size)
+    h.limit = b->o.history_size ? b->o.history_size : 1;
+  arq_hist_query_t q = {.room = h.t.room, .channel = h.t.channel, .limit = h.limit,
+                        .since = since ? json_string_value(since) : NULL};
+  b->history->ops->query(b->history, &q, history_done, &h);
+}
+
+static void cmd_help(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd);
+
+static const cmd_t commands[] = {
+    {"status", cmd_status, false, "", "server figures, clients by type, rooms, channels, and your own connection"},
+    {"create_channel", cmd_create, true, "room, channel", "create a channel (privileged)"},
+    {"delete_channel", cmd_delete, true, "room, channel",
+     "delete a channel: its members are told and removed, its history dropped (privileged)"},
+    {"join_channel", cmd_join, false, "room, channel", "subscribe to a channel, creating it if needed"},
+    {"leave_channel", cmd_leave, false, "room, channel", "unsubscribe from a channel"},
+    {"list_channels", cmd_list, false, "[room]", "list channels, optionally of one room"},
+    {"channel_info", cmd_info, false, "room, channel", "a channel's members, message count and history size"},
+    {"ping", cmd_ping, false, "[data]", "answered by pong with the server time (and your data)"},
+    {"history", cmd_history, false, "room, channel, [limit], [since]",
+     "the last 'limit' messages (default 50), or those after the message id 'since'"},
+    {"help", cmd_help, false, "", "this list"},
+};
+
+#define NCOMMANDS (sizeof commands / sizeof commands[0])
+
+static void cmd_help(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
+  json_t *list = json_array();
+  for (size_t i = 0; i < NCOMMANDS; i++)
+    json_array_append_new(list, json_pack("{s:s, s:s, s:s, s:b}", "name", commands[i].name, "arguments",
+                                          commands[i].args, "description", commands[i].help, "privileged",
+                                          commands[i].privileged));
+  arq_bus_reply(b, c, e, cmd->name, json_pack("{s:o}", "commands", list));
+}
+
+void arq_commands_run(arq_bus_t *b, arq_client_t *c, const arq_env_t *e) {
+  for (size_t i = 0; i < NCOMMANDS; i++) {
+    const cmd_t *cmd = &commands[i];
+    if (strcmp(cmd->name, e->command) != 0)
+      continue;
+    if (cmd->privileged && !arq_bus_is_admin(b, c)) {
+      arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_FORBIDDEN, NULL, "%s is a privileged command", cmd->name);
+      return;
+    }
+    cmd->run(b, c, e, cmd);
+    return;
+  }
+  arq_bus_error(b, c, e->id, e->command, ARQ_CODE_UNKNOWN_COMMAND, NULL,
+                "unknown command \"%.32s\"; send {\"type\":\"command\",\"command\":\"help\"} for the list", e->command);
+}

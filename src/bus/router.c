@@ -1,0 +1,144 @@
+/* Rooms, channels and memberships.
+ *
+ * A channel keeps an array of its members' subscriptions and each
+ * subscription remembers its index, so joining and leaving are O(1) and
+ * delivering walks one contiguous array. Rooms are groups of channels that
+ * exist while they have a channel. A channel that loses its last member is
+ * kept for the channel ttl (so that a client reconnecting within it still
+ * finds its history), then removed by the sweep; bootstrap channels are never
+ * removed.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "bus/bus_int.h"
+#include "util/alloc.h"
+#include "util/time.h"
+
+static void channel_key(char *key, const char *room, const char *channel) {
+  snprintf(key, 2 * ARQ_NAME_MAX + 2, "%s:%s", room, channel);
+}
+
+arq_channel_t *arq_router_find(arq_bus_t *b, const char *room, const char *channel) {
+  char key[2 * ARQ_NAME_MAX + 2];
+  channel_key(key, room, channel);
+  arq_channel_t *ch = NULL;
+  HASH_FIND_STR(b->channels, key, ch);
+  return ch;
+}
+
+arq_room_t *arq_router_find_room(arq_bus_t *b, const char *room) {
+  arq_room_t *r = NULL;
+  HASH_FIND_STR(b->rooms, room, r);
+  return r;
+}
+
+arq_channel_t *arq_router_ensure(arq_bus_t *b, const char *room, const char *channel, bool *created) {
+  arq_channel_t *ch = arq_router_find(b, room, channel);
+  *created = ch == NULL;
+  if (ch)
+    return ch;
+  arq_room_t *r = arq_router_find_room(b, room);
+  if (!r) {
+    r = arq_calloc(1, sizeof *r);
+    snprintf(r->name, sizeof r->name, "%s", room);
+    arq_list_init(&r->channels);
+    HASH_ADD_STR(b->rooms, name, r);
+  }
+  ch = arq_calloc(1, sizeof *ch);
+  channel_key(ch->key, room, channel);
+  snprintf(ch->name, sizeof ch->name, "%s", channel);
+  ch->room = r;
+  ch->created_at = arq_time_wall_ms();
+  ch->empty = true;
+  ch->empty_since = b->now_mono;
+  arq_list_push_back(&r->channels, &ch->node_room);
+  r->nchannels++;
+  HASH_ADD_STR(b->channels, key, ch);
+  return ch;
+}
+
+static void drop_sub(arq_sub_t *s) {
+  arq_client_t *c = s->client;
+  for (size_t i = 0; i < c->nsubs; i++) {
+    if (c->subs[i] == s) {
+      c->subs[i] = c->subs[--c->nsubs];
+      break;
+    }
+  }
+  arq_free(s);
+}
+
+void arq_router_remove(arq_bus_t *b, arq_channel_t *ch) {
+  for (size_t i = 0; i < ch->nmembers; i++)
+    drop_sub(ch->members[i]);
+  arq_free(ch->members);
+  b->history->ops->drop(b->history, ch->room->name, ch->name);
+  arq_room_t *r = ch->room;
+  arq_list_remove(&ch->node_room);
+  HASH_DEL(b->channels, ch);
+  arq_free(ch);
+  if (--r->nchannels == 0) {
+    HASH_DEL(b->rooms, r);
+    arq_free(r);
+  }
+}
+
+arq_sub_t *arq_router_sub(const arq_client_t *c, const arq_channel_t *ch) {
+  for (size_t i = 0; i < c->nsubs; i++)
+    if (c->subs[i]->channel == ch)
+      return c->subs[i];
+  return NULL;
+}
+
+bool arq_router_join(arq_bus_t *b, arq_client_t *c, arq_channel_t *ch) {
+  if (arq_router_sub(c, ch))
+    return false;
+  arq_sub_t *s = arq_malloc(sizeof *s);
+  s->client = c;
+  s->channel = ch;
+  if (ch->nmembers == ch->cap) {
+    ch->cap = ch->cap ? 2 * ch->cap : 4;
+    ch->members = arq_realloc(ch->members, ch->cap * sizeof *ch->members);
+  }
+  s->idx = ch->nmembers;
+  ch->members[ch->nmembers++] = s;
+  ch->empty = false;
+  if (c->nsubs == c->subcap) {
+    c->subcap = c->subcap ? 2 * c->subcap : 4;
+    c->subs = arq_realloc(c->subs, c->subcap * sizeof *c->subs);
+  }
+  c->subs[c->nsubs++] = s;
+  return true;
+}
+
+bool arq_router_leave(arq_bus_t *b, arq_client_t *c, arq_channel_t *ch) {
+  arq_sub_t *s = arq_router_sub(c, ch);
+  if (!s)
+    return false;
+  arq_sub_t *last = ch->members[--ch->nmembers];
+  ch->members[s->idx] = last;
+  last->idx = s->idx;
+  drop_sub(s);
+  if (ch->nmembers == 0 && !ch->bootstrap) {
+    if (b->o.channel_ttl_ms == 0) {
+      arq_router_remove(b, ch);
+    } else {
+      ch->empty = true;
+      ch->empty_since = b->now_mono;
+    }
+  }
+  return true;
+}
+
+void arq_router_sweep(arq_bus_t *b, uint64_t now_mono) {
+  arq_channel_t *ch, *tmp;
+  HASH_ITER(hh, b->channels, ch, tmp) {
+    if (!ch->empty || ch->bootstrap)
+      continue;
+    if (ch->empty_since == 0)
+      ch->empty_since = now_mono; /* emptied before the bus knew the time: the ttl starts now */
+    if (now_mono >= ch->empty_since + b->o.channel_ttl_ms)
+      arq_router_remove(b, ch);
+  }
+}
