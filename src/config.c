@@ -30,6 +30,7 @@
 #include <sys/stat.h>
 #include <yaml.h>
 
+#include "bus/names.h"
 #include "obs/log.h"
 #include "util/alloc.h"
 #include "util/err.h"
@@ -39,6 +40,7 @@
 #define GIB (UINT64_C(1) << 30)
 #define SEC UINT64_C(1000)
 #define MIN (60 * SEC)
+#define HOUR (60 * MIN)
 
 #define ENV_PREFIX "ARQONBUS_"
 #define ENV_CONFIG "ARQONBUS_CONFIG"
@@ -51,6 +53,8 @@ typedef enum {
   T_DURATION, /* uint64_t: milliseconds; the text has a unit, or is seconds */
   T_LOGLEVEL, /* int: ARQ_LOG_* */
   T_LOGFMT,   /* arq_logfmt_t */
+  T_CHANNELS, /* char *: comma-separated room:channel names, may be empty */
+  T_IDS,      /* char *: comma-separated client ids, may be empty */
 } kind_t;
 
 typedef struct setting {
@@ -100,6 +104,21 @@ static const setting_t settings[] = {
      "how long a write to a client may make no progress before it is closed"},
     {"drain_timeout", T_DURATION, U64(drain_timeout_ms), 0, 60 * MIN, "5s",
      "how long a graceful shutdown waits for clients before dropping them"},
+    {"max_envelope_size", T_SIZE, U64(max_envelope_size), 125, 64 * MIB, "512KiB",
+     "largest envelope accepted; larger ones get a payload_too_large error (the connection stays open)"},
+    {"max_malformed", T_COUNT, U64(max_malformed), 0, 1000000, "10",
+     "malformed envelopes in a row after which a client is closed with 1008; 0 never closes"},
+    {"history_size", T_COUNT, U64(history_size), 0, 100000, "500", "messages kept per channel in memory; 0 keeps none"},
+    {"history_max_limit", T_COUNT, U64(history_max_limit), 1, 100000, "500",
+     "most messages one history command returns"},
+    {"channel_ttl", T_DURATION, U64(channel_ttl_ms), 0, 24 * HOUR, "5m",
+     "how long an empty channel (and its history) is kept; 0 removes it when its last member leaves"},
+    {"bootstrap_channels", T_CHANNELS, STR(bootstrap_channels), 0, 0,
+     "science:general,science:explore,science:hypothesize,science:design,science:execute,science:interpret,"
+     "science:share",
+     "room:channel names that always exist and cannot be deleted (comma-separated, or a YAML list)"},
+    {"admins", T_IDS, STR(admins), 0, 0, "",
+     "client ids allowed to create and delete channels (comma-separated, or a YAML list); empty allows everyone"},
 };
 
 #define NSETTINGS (sizeof settings / sizeof settings[0])
@@ -246,7 +265,57 @@ static void expected(const setting_t *s, char *buf, size_t cap) {
   case T_LOGFMT:
     snprintf(buf, cap, "logfmt or json");
     break;
+  case T_CHANNELS:
+    snprintf(buf, cap, "room:channel names separated by commas (names: 1-64 of A-Z a-z 0-9 _ - .)");
+    break;
+  case T_IDS:
+    snprintf(buf, cap, "client ids separated by commas (1-64 of A-Z a-z 0-9 _ - . @)");
+    break;
   }
+}
+
+/* Normalises the comma-separated list 'text' (spaces around items dropped)
+ * into a new string (caller owns), checking each item; NULL when one is bad. */
+static char *parse_list(const char *text, kind_t kind) {
+  size_t n = strlen(text);
+  char *out = arq_malloc(n + 1), *o = out;
+  const char *p = text;
+  while (*p) {
+    while (*p == ' ' || *p == '\t')
+      p++;
+    const char *start = p;
+    while (*p && *p != ',')
+      p++;
+    const char *end = p;
+    while (end > start && (end[-1] == ' ' || end[-1] == '\t'))
+      end--;
+    size_t len = (size_t)(end - start);
+    char item[2 * ARQ_NAME_MAX + 2], room[ARQ_NAME_MAX + 1], channel[ARQ_NAME_MAX + 1];
+    bool ok = len > 0 && len < sizeof item;
+    if (ok) {
+      memcpy(item, start, len);
+      item[len] = '\0';
+      ok = kind == T_IDS ? arq_names_valid_client_id(item, len)
+                         : arq_names_split(item, room, channel) == 0 && channel[0] != '\0';
+    }
+    if (!ok) {
+      arq_free(out);
+      return NULL;
+    }
+    if (o != out)
+      *o++ = ',';
+    memcpy(o, item, len);
+    o += len;
+    if (*p == ',') {
+      p++;
+      if (*p == '\0') {
+        arq_free(out);
+        return NULL;
+      }
+    }
+  }
+  *o = '\0';
+  return out;
 }
 
 /* Reads a decimal number followed by one of 'units' (the whole of 's').
@@ -322,6 +391,15 @@ static int set_value(arq_config_t *c, const setting_t *s, const char *text, cons
       goto invalid;
     *(int *)field = level;
     return 0;
+  case T_CHANNELS:
+  case T_IDS: {
+    char *list = parse_list(text, s->kind);
+    if (!list)
+      goto invalid;
+    arq_free(*(char **)field);
+    *(char **)field = list;
+    return 0;
+  }
   case T_LOGFMT:
     if (strcasecmp(text, "logfmt") == 0)
       *(arq_logfmt_t *)field = ARQ_LOGFMT_LOGFMT;
@@ -355,6 +433,10 @@ void arq_config_free(arq_config_t *c) {
   c->host = NULL;
   arq_free(c->config_file);
   c->config_file = NULL;
+  arq_free(c->bootstrap_channels);
+  c->bootstrap_channels = NULL;
+  arq_free(c->admins);
+  c->admins = NULL;
 }
 
 /* ---- the YAML file ------------------------------------------------------ */
@@ -394,6 +476,39 @@ static bool is_null_scalar(const yaml_event_t *e) {
          (e->data.scalar.length == 0 || strcmp(v, "~") == 0 || strcmp(v, "null") == 0);
 }
 
+/* Reads a YAML list of names (the current event is its start) as the value of
+ * 's': the items are joined with commas and parsed as a comma-separated list. */
+static int read_list(arq_config_t *c, yaml_file_t *f, const setting_t *s, char *err, size_t errcap) {
+  char path[1024], origin[1100];
+  show(path, sizeof path, f->path, strlen(f->path));
+  snprintf(origin, sizeof origin, "%s:%zu", path, event_line(f));
+  size_t len = 0;
+  char *joined = arq_calloc(1, 1);
+  int rc = ARQ_EINVAL;
+  for (;;) {
+    if (next_event(f, err, errcap) != 0)
+      goto free_joined;
+    if (f->event.type == YAML_SEQUENCE_END_EVENT)
+      break;
+    const char *item = (const char *)f->event.data.scalar.value;
+    size_t n = f->event.type == YAML_SCALAR_EVENT ? f->event.data.scalar.length : 0;
+    if (f->event.type != YAML_SCALAR_EVENT || n == 0 || strlen(item) != n || strchr(item, ',')) {
+      snprintf(err, errcap, "config: the list '%s' in %s (line %zu) must hold plain names", s->key, path,
+               event_line(f));
+      goto free_joined;
+    }
+    joined = arq_realloc(joined, len + n + 2);
+    if (len)
+      joined[len++] = ',';
+    memcpy(joined + len, item, n + 1);
+    len += n;
+  }
+  rc = set_value(c, s, joined, origin, err, errcap);
+free_joined:
+  arq_free(joined);
+  return rc;
+}
+
 /* Reads the pairs of the root mapping, whose start is the current event. */
 static int read_pairs(arq_config_t *c, yaml_file_t *f, char *err, size_t errcap) {
   char path[1024], shown[96], origin[1100];
@@ -424,6 +539,11 @@ static int read_pairs(arq_config_t *c, yaml_file_t *f, char *err, size_t errcap)
 
     if (next_event(f, err, errcap) != 0)
       return ARQ_EINVAL;
+    if (f->event.type == YAML_SEQUENCE_START_EVENT && (s->kind == T_CHANNELS || s->kind == T_IDS)) {
+      if (read_list(c, f, s, err, errcap) != 0)
+        return ARQ_EINVAL;
+      continue;
+    }
     if (f->event.type != YAML_SCALAR_EVENT) {
       snprintf(err, errcap, "config: value of '%s' in %s (line %zu) must be a single value, not a %s", s->key, path,
                event_line(f),
@@ -698,6 +818,10 @@ static const char *metavar(kind_t kind) {
     return "LEVEL";
   case T_LOGFMT:
     return "FORMAT";
+  case T_CHANNELS:
+    return "LIST";
+  case T_IDS:
+    return "LIST";
   }
   return "VALUE";
 }
@@ -726,7 +850,7 @@ void arq_config_usage(FILE *out) {
       snprintf(range, sizeof range, ", range %" PRIu64 "-%" PRIu64, s->min, s->max);
     }
     fprintf(out, "  %-30s %s\n      %s\n      default %s%s\n", flag, env_name(s, env, sizeof env), s->meaning,
-            s->def, range);
+            s->def[0] ? s->def : "\"\"", range);
   }
   fprintf(out, "  %-30s print this help and exit\n", "-h, --help");
   fprintf(out, "  %-30s print the version and exit\n", "-V, --version");

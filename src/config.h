@@ -8,7 +8,7 @@
  *
  * Value syntax: sizes take an optional unit (B, KiB, MiB, GiB; also k, M, G
  * read as the binary units), durations a unit of ms, s or m (a bare number is
- * seconds), booleans true/false/yes/no/on/off/1/0.
+ * seconds), lists are comma-separated (or a YAML list in the file).
  */
 #ifndef ARQ_CONFIG_H
 #define ARQ_CONFIG_H
@@ -37,6 +37,13 @@ typedef struct arq_config {
   uint64_t max_outbound_queue;   /* bytes queued to one client */
   uint64_t write_timeout_ms;     /* a write that makes no progress */
   uint64_t drain_timeout_ms;     /* graceful shutdown */
+  uint64_t max_envelope_size;    /* bytes, larger envelopes get payload_too_large */
+  uint64_t max_malformed;        /* malformed envelopes in a row before a 1008 close */
+  uint64_t history_size;         /* messages per channel */
+  uint64_t history_max_limit;    /* cap of one history query */
+  uint64_t channel_ttl_ms;       /* how long an empty channel lives */
+  char *bootstrap_channels;      /* comma-separated room:channel names */
+  char *admins;                  /* comma-separated client ids, "" for none */
   char *config_file;             /* the file read, NULL when none */
 } arq_config_t;
 

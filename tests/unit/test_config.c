@@ -144,6 +144,14 @@ static void assert_defaults(const arq_config_t *c) {
   assert_int_equal(c->max_outbound_queue, 1 * MIB);
   assert_int_equal(c->write_timeout_ms, 10000);
   assert_int_equal(c->drain_timeout_ms, 5000);
+  assert_int_equal(c->max_envelope_size, 512 * KIB);
+  assert_int_equal(c->max_malformed, 10);
+  assert_int_equal(c->history_size, 500);
+  assert_int_equal(c->history_max_limit, 500);
+  assert_int_equal(c->channel_ttl_ms, 300000);
+  assert_string_equal(c->bootstrap_channels, "science:general,science:explore,science:hypothesize,science:design,"
+                                             "science:execute,science:interpret,science:share");
+  assert_string_equal(c->admins, "");
   assert_null(c->config_file);
 }
 
@@ -906,6 +914,40 @@ static void test_unreadable_files(void **state) {
 
 /* A value set twice (file, then variable, then flag) replaces the string it
  * owned; ASan's leak check makes this test fail if one is lost. */
+/* Lists: comma-separated from flags and variables, a YAML list or a string in
+ * the file; spaces around items dropped; each item checked. */
+static void test_lists(void **state) {
+  loaded_t r;
+  load_ok(&r, ARGV("--bootstrap-channels", " a:b , c.d:e-f ", "--admins=ada,bob@x"), NOENV);
+  assert_string_equal(r.cfg.bootstrap_channels, "a:b,c.d:e-f");
+  assert_string_equal(r.cfg.admins, "ada,bob@x");
+  arq_config_free(&r.cfg);
+
+  load_ok(&r, ARGV("--bootstrap-channels", ""), ENVP("ARQONBUS_ADMINS=root"));
+  assert_string_equal(r.cfg.bootstrap_channels, "");
+  assert_string_equal(r.cfg.admins, "root");
+  arq_config_free(&r.cfg);
+
+  char *path = write_yaml("lists.yaml", "bootstrap_channels:\n  - lab:one\n  - lab:two\nadmins: [ada, bob]\n");
+  load_ok(&r, ARGV("--config", path), NOENV);
+  assert_string_equal(r.cfg.bootstrap_channels, "lab:one,lab:two");
+  assert_string_equal(r.cfg.admins, "ada,bob");
+  arq_config_free(&r.cfg);
+
+  char *bad[][2] = {
+      {"--bootstrap-channels", "nochannel"}, {"--bootstrap-channels", "a:b,,c:d"}, {"--bootstrap-channels", "a:b,"},
+      {"--bootstrap-channels", "a:b:c"},     {"--admins", "-ada"},                  {"--admins", "a b"},
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    const char *msg = load_err(&r, ARGV(bad[i][0], bad[i][1]), NOENV);
+    const char *key = strcmp(bad[i][0], "--admins") == 0 ? " for admins " : " for bootstrap_channels ";
+    if (!strstr(msg, key))
+      fail_msg("'%s %s': %s", bad[i][0], bad[i][1], msg);
+  }
+  path = write_yaml("badlist.yaml", "admins:\n  - ok\n  - [nested]\n");
+  assert_non_null(strstr(load_err(&r, ARGV("--config", path), NOENV), "must hold plain names"));
+}
+
 static void test_strings_replaced_without_leaks(void **state) {
   loaded_t r;
   char *path = write_yaml("host.yaml", "host: 10.0.0.1\n");
@@ -955,6 +997,7 @@ int main(void) {
       cmocka_unit_test(test_addresses),
       cmocka_unit_test(test_help_and_version_actions),
       cmocka_unit_test(test_usage_lists_every_setting),
+      cmocka_unit_test(test_lists),
       cmocka_unit_test(test_yaml_shape_errors),
       cmocka_unit_test(test_yaml_syntax_errors_have_lines),
       cmocka_unit_test(test_unreadable_files),
