@@ -71,6 +71,8 @@ int main(int argc, char **argv) {
          "  Telemetry       ws://%s:%d\n"
          "  HTTP ops        http://%s:%d/health  /version  /metrics\n"
          "Connect with any WebSocket client, e.g.:  python3 -m websockets ws://%s:%d\n"
+         "and send:  {\"type\":\"command\",\"command\":\"join_channel\",\"room\":\"science\",\"channel\":\"explore\"}\n"
+         "           {\"type\":\"event\",\"room\":\"science\",\"channel\":\"explore\",\"payload\":{\"message\":\"hello\"}}\n"
          "Stop with Ctrl-C.\n",
          ARQ_VERSION, cfg.host, cfg.port, cfg.host, cfg.telemetry_port, cfg.host, cfg.http_port, cfg.host,
          cfg.port);
@@ -79,6 +81,7 @@ int main(int argc, char **argv) {
   arq_log(ARQ_LOG_INFO, "server", "stopped");
 
 free_server:
+  arq_server_free(srv);
   uv_loop_close(&loop);
   arq_free(srv);
 free_config:

@@ -7,8 +7,10 @@
  */
 #include "net/conn.h"
 
+#include <linux/sockios.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/ioctl.h>
 
 #include "obs/log.h"
 #include "util/alloc.h"
@@ -26,6 +28,15 @@ static void unlink_all_timers(arq_conn_t *c) {
   arq_list_remove(&c->node_ping);
   arq_list_remove(&c->node_pong);
   arq_list_remove(&c->node_write);
+}
+
+/* Takes the client off the bus: its channels are told it left. */
+static void detach(arq_conn_t *c) {
+  if (!c->client)
+    return;
+  arq_client_t *client = c->client;
+  c->client = NULL;
+  arq_bus_disconnect(c->srv->bus, client);
 }
 
 static void on_closed(uv_handle_t *h) {
@@ -50,6 +61,7 @@ void arq_conn_destroy(arq_conn_t *c, arq_close_reason_t reason) {
   if (c->state == ARQ_CONN_HANDSHAKE)
     srv->npending--;
   c->state = ARQ_CONN_CLOSED;
+  detach(c);
   unlink_all_timers(c);
   arq_list_remove(&c->node_open);
   arq_list_remove(&c->node_flush);
@@ -102,6 +114,20 @@ static void on_write(uv_write_t *req, int status) {
   arq_conn_flush(c);
 }
 
+/* Bytes on their way to the peer: what libuv still holds of the writes in
+ * flight, plus what the kernel holds in the socket's send buffer. The kernel
+ * part matters: the send buffer can grow to megabytes, and the kernel only
+ * lets us write again once a third of it has drained, so a slow but steady
+ * reader can take seconds without the libuv part moving at all. */
+static size_t unsent_bytes(arq_conn_t *c) {
+  size_t left = uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp);
+  uv_os_fd_t fd;
+  int kernel = 0;
+  if (uv_fileno((uv_handle_t *)&c->tcp, &fd) == 0 && ioctl(fd, SIOCOUTQ, &kernel) == 0 && kernel > 0)
+    left += (size_t)kernel;
+  return left;
+}
+
 void arq_conn_flush(arq_conn_t *c) {
   uv_buf_t iov[MAX_IOV];
   arq_list_remove(&c->node_flush);
@@ -144,7 +170,7 @@ void arq_conn_flush(arq_conn_t *c) {
   c->inflight = n;
   c->inflight_bytes = bytes;
   c->write_at = now_ms(c);
-  c->write_left = bytes;
+  c->write_left = unsent_bytes(c);
   arq_list_push_back(&c->srv->writing, &c->node_write);
 }
 
@@ -189,6 +215,7 @@ static void start_closing(arq_conn_t *c, arq_close_reason_t reason) {
     srv->npending--;
   c->state = ARQ_CONN_CLOSING;
   c->reason = (uint8_t)reason;
+  detach(c);
   unlink_all_timers(c);
   arq_list_remove(&c->node_open);
   c->deadline = now_ms(c) + srv->cfg->close_timeout_ms;
@@ -258,6 +285,7 @@ void arq_conn_ping(arq_conn_t *c, uint64_t now) {
   uint8_t stamp[8];
   for (int i = 0; i < 8; i++)
     stamp[i] = (uint8_t)(now >> (56 - 8 * i));
+  arq_outq_trim(&c->outq); /* a heartbeat is a quiet moment to give back a burst's ring */
   push_frame(c, ARQ_WS_OP_PING, stamp, sizeof stamp);
   c->ping_at = now;
   arq_list_move_back(&srv->ping_due, &c->node_ping);
@@ -269,9 +297,8 @@ void arq_conn_ping(arq_conn_t *c, uint64_t now) {
 }
 
 bool arq_conn_write_progressed(arq_conn_t *c, uint64_t now) {
-  /* libuv counts the bytes of queued writes the kernel has not taken yet; a
-   * long write that keeps shrinking is a slow reader, not a stalled one. */
-  size_t left = uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp);
+  /* A long write whose bytes keep draining is a slow reader, not a stalled one. */
+  size_t left = unsent_bytes(c);
   if (left >= c->write_left)
     return false;
   c->write_left = left;
@@ -308,8 +335,8 @@ static void on_message(arq_conn_t *c, const arq_ws_msg_t *m) {
     if (c->state != ARQ_CONN_OPEN)
       return; /* closing: data is no longer routed */
     c->srv->metrics.messages_received++;
-    if (c->kind == ARQ_PORT_BUS)
-      arq_server_broadcast(c->srv, c, m->opcode, m->data, m->len);
+    if (c->kind == ARQ_PORT_BUS && c->client)
+      arq_bus_receive(c->srv->bus, c->client, (const char *)m->data, m->len, m->opcode == ARQ_WS_OP_BINARY);
     return;
   case ARQ_WS_OP_PING:
     if (!c->close_sent)
@@ -416,13 +443,27 @@ static void read_handshake(arq_conn_t *c, uint8_t *data, size_t n) {
     refuse_upgrade(c, 503, "connection limit reached");
     return;
   }
+  arq_client_params_t params;
+  if (c->kind == ARQ_PORT_BUS) {
+    char why[256];
+    if (arq_bus_parse_params(c->req->query.p, c->req->query.n, &params, why, sizeof why) != 0) {
+      refuse_upgrade(c, 400, why);
+      return;
+    }
+  }
   char resp[256];
   size_t rn = arq_ws_upgrade_response(&up, NULL, resp, sizeof resp);
   arq_rcbuf_t *b = arq_rcbuf_new(rn);
   memcpy(b->data, resp, rn);
   push(c, b);
   open_websocket(c);
+  if (c->kind == ARQ_PORT_BUS) {
+    c->client = arq_bus_connect(srv->bus, c, &params, c->remote);
+    if (c->state != ARQ_CONN_OPEN)
+      return; /* the welcome alone was too much for the queue */
+  }
   /* A client may send frames right behind its request. */
+  srv->metrics.bytes_in += n - used;
   read_frames(c, data + used, n - used);
 }
 

@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "bus/bus.h"
 #include "net/outq.h"
 #include "net/server.h"
 #include "obs/metrics.h"
@@ -45,6 +46,7 @@ struct arq_conn {
   size_t inflight_bytes;
   arq_outq_t outq;
   arq_http_req_t *req;     /* during the handshake only */
+  arq_client_t *client;    /* the bus's client while open (bus port only) */
   arq_ws_decoder_t dec;
   uint64_t deadline;       /* handshake or close deadline (loop ms) */
   uint64_t ping_at;
@@ -92,6 +94,9 @@ void arq_conn_write_stalled(arq_conn_t *c);
 /* True (and the write's clock restarted) when the write in flight has made
  * progress since it was last looked at. */
 bool arq_conn_write_progressed(arq_conn_t *c, uint64_t now);
+
+/* Forgets the bus client of 'c' without telling the bus (the bus closed it). */
+static inline void arq_conn_forget_client(arq_conn_t *c) { c->client = NULL; }
 
 /* Serves one request on the ops port (net/ops.c). */
 void arq_ops_handle(arq_conn_t *c, const arq_http_req_t *req);

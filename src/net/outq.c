@@ -39,8 +39,11 @@ unsigned arq_outq_peek(const arq_outq_t *q, unsigned skip, uv_buf_t *iov, unsign
 
 /* An empty ring of the minimum size (128 bytes) is kept for the next burst;
  * a larger one goes, so a connection that once had a backlog does not hold
- * it while idle. */
-static void shrink_if_empty(arq_outq_t *q) {
+ * it while idle. Called when the connection is known to be quiet (its
+ * heartbeat), not whenever the queue empties: under fan-out a queue empties
+ * and refills many times a second, and freeing the ring each time made every
+ * burst fault its pages back in. */
+void arq_outq_trim(arq_outq_t *q) {
   if (q->count == 0 && q->cap > MIN_CAP) {
     arq_free(q->ring);
     q->ring = NULL;
@@ -65,7 +68,6 @@ unsigned arq_outq_consume(arq_outq_t *q, size_t n) {
     q->count--;
     dropped++;
   }
-  shrink_if_empty(q);
   return dropped;
 }
 
@@ -76,7 +78,6 @@ void arq_outq_truncate(arq_outq_t *q, unsigned keep) {
     arq_rcbuf_unref(e->buf);
     q->count--;
   }
-  shrink_if_empty(q);
 }
 
 void arq_outq_clear(arq_outq_t *q) {

@@ -1,8 +1,9 @@
 /* A connection's outbound queue: shared frames waiting to be written.
  *
  * Entries are references to arq_rcbuf_t frames (one frame, many queues), kept
- * in a ring that grows on demand and shrinks back to a few entries when it
- * empties, so an idle connection holds almost no queue memory. The writer takes a batch from the head as
+ * in a ring that grows on demand and is trimmed back to a few entries at the
+ * connection's heartbeat when empty, so an idle connection holds almost no
+ * queue memory. The writer takes a batch from the head as
  * an iovec array (one writev for many frames), then reports how many bytes
  * went out; fully written frames are unreferenced, a partly written one keeps
  * its offset.
@@ -41,5 +42,8 @@ unsigned arq_outq_consume(arq_outq_t *q, size_t n);
 void arq_outq_truncate(arq_outq_t *q, unsigned keep);
 /* Drops everything and releases the ring. */
 void arq_outq_clear(arq_outq_t *q);
+
+/* Frees a ring larger than the minimum if the queue is empty. */
+void arq_outq_trim(arq_outq_t *q);
 
 #endif

@@ -7,13 +7,17 @@
  */
 #include "net/server.h"
 
+#include <openssl/rand.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "net/conn.h"
 #include "obs/log.h"
+#include "util/alloc.h"
 #include "util/err.h"
 #include "util/time.h"
+#include "version.h"
 #include "wire/frame.h"
 
 #define TICK_MS 100
@@ -39,15 +43,67 @@ static void flush_all(arq_server_t *srv) {
 
 static void on_check(uv_check_t *h) { flush_all(h->data); }
 
-void arq_server_broadcast(arq_server_t *srv, arq_conn_t *from, uint8_t opcode, const uint8_t *data, size_t len) {
-  arq_rcbuf_t *frame = arq_ws_frame_new(opcode, data, len);
-  arq_list_t *pos, *tmp;
-  arq_list_foreach_safe(pos, tmp, &srv->bus_open) {
-    arq_conn_t *c = ARQ_CONTAINER_OF(pos, arq_conn_t, node_open);
-    if (arq_conn_send(c, frame))
-      srv->metrics.messages_delivered++;
+/* The bus reaches connections through these two callbacks. */
+static bool bus_send(void *ud, void *conn, arq_rcbuf_t *frame) {
+  arq_server_t *srv = ud;
+  if (!arq_conn_send(conn, frame))
+    return false;
+  srv->metrics.messages_delivered++;
+  return true;
+}
+
+static void bus_close(void *ud, void *conn, uint16_t code, const char *why) {
+  arq_conn_t *c = conn;
+  arq_conn_forget_client(c);
+  arq_conn_close(c, code, why, code == 4001 ? ARQ_CLOSE_REPLACED : ARQ_CLOSE_MALFORMED);
+}
+
+/* Splits the comma-separated 'list' into a NULL-terminated array of strings
+ * (caller frees the array and its strings with free_names). */
+static char **split_names(const char *list) {
+  size_t n = 1;
+  for (const char *p = list; *p; p++)
+    n += *p == ',';
+  char **out = arq_calloc(n + 1, sizeof *out);
+  size_t k = 0;
+  const char *p = list;
+  while (*p) {
+    size_t len = strcspn(p, ",");
+    out[k++] = arq_strndup(p, len);
+    p += len + (p[len] == ',');
   }
-  arq_rcbuf_unref(frame);
+  return out;
+}
+
+static void free_names(char **names) {
+  for (size_t i = 0; names[i]; i++)
+    arq_free(names[i]);
+  arq_free(names);
+}
+
+static arq_bus_t *make_bus(arq_server_t *srv, char *err, size_t cap) {
+  const arq_config_t *cfg = srv->cfg;
+  arq_bus_opts_t o;
+  arq_bus_opts_defaults(&o);
+  o.server_version = ARQ_VERSION;
+  o.heartbeat_interval_ms = cfg->heartbeat_interval_ms;
+  o.max_message_size = cfg->max_message_size;
+  o.max_envelope_size = cfg->max_envelope_size;
+  o.history_size = cfg->history_size;
+  o.history_max_limit = cfg->history_max_limit;
+  o.max_malformed = (unsigned)cfg->max_malformed;
+  o.channel_ttl_ms = cfg->channel_ttl_ms;
+  char **bootstrap = split_names(cfg->bootstrap_channels);
+  char **admins = split_names(cfg->admins);
+  o.bootstrap = (const char *const *)bootstrap;
+  o.admins = (const char *const *)admins;
+  if (RAND_bytes((unsigned char *)&o.seed, sizeof o.seed) != 1)
+    o.seed = arq_time_wall_ms() ^ (uint64_t)getpid() << 32;
+  arq_bus_io_t io = {.send = bus_send, .close = bus_close, .ud = srv};
+  arq_bus_t *bus = arq_bus_new(&o, &io, arq_history_mem_new(cfg->history_size), err, cap);
+  free_names(bootstrap);
+  free_names(admins);
+  return bus;
 }
 
 /* Deadlines: each queue shares one timeout, so its head is the first due. */
@@ -86,6 +142,10 @@ static void on_tick(uv_timer_t *t) {
       break;
     if (!arq_conn_write_progressed(c, now)) /* moves it to the tail */
       arq_conn_write_stalled(c);            /* unlinks it */
+  }
+  if (now >= srv->bus_tick_at + 1000) {
+    srv->bus_tick_at = now;
+    arq_bus_tick(srv->bus, now);
   }
   flush_all(srv);
 }
@@ -149,6 +209,9 @@ int arq_server_start(arq_server_t *srv, uv_loop_t *loop, const arq_config_t *cfg
   memset(srv, 0, offsetof(arq_server_t, rbuf));
   srv->loop = loop;
   srv->cfg = cfg;
+  srv->bus = make_bus(srv, err, cap);
+  if (!srv->bus)
+    return ARQ_EINVAL;
   srv->metrics.start_time_ms = arq_time_wall_ms();
   srv->max_pending = cfg->max_connections / 4 + 64;
   arq_list_init(&srv->conns);
@@ -225,6 +288,7 @@ void arq_server_shutdown(arq_server_t *srv) {
   if (srv->draining)
     return;
   srv->draining = true;
+  arq_bus_quiesce(srv->bus);
   /* The ops port stays open while clients drain, so that load balancers and
    * operators see /health answer 503 shutting_down. */
   for (int i = 0; i < ARQ_PORT_COUNT; i++) {
@@ -252,10 +316,17 @@ void arq_server_shutdown(arq_server_t *srv) {
 
 void arq_server_close(arq_server_t *srv) {
   srv->draining = true;
+  if (srv->bus)
+    arq_bus_quiesce(srv->bus);
   arq_list_t *pos, *tmp;
   arq_list_foreach_safe(pos, tmp, &srv->conns) {
     arq_conn_t *c = ARQ_CONTAINER_OF(pos, arq_conn_t, node_all);
     arq_conn_destroy(c, ARQ_CLOSE_SHUTDOWN);
   }
   close_own_handles(srv);
+}
+
+void arq_server_free(arq_server_t *srv) {
+  arq_bus_free(srv->bus);
+  srv->bus = NULL;
 }

@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "bus/bus.h"
 #include "config.h"
 #include "obs/metrics.h"
 #include "util/list.h"
@@ -36,6 +37,8 @@ typedef struct arq_listener {
 struct arq_server {
   uv_loop_t *loop;
   const arq_config_t *cfg; /* borrowed; outlives the server */
+  arq_bus_t *bus;          /* owned: rooms, channels, clients, history */
+  uint64_t bus_tick_at;    /* loop time of the bus's last periodic work */
   arq_metrics_t metrics;
   arq_listener_t listeners[ARQ_PORT_COUNT];
   uv_timer_t tick;         /* deadlines: handshakes, closes, heartbeats, stalled writes */
@@ -64,10 +67,11 @@ struct arq_server {
   uint8_t rbuf[ARQ_READ_BUF_SIZE]; /* the one read buffer, shared by every connection */
 };
 
-/* Initialises 'srv' on 'loop' with 'cfg' (borrowed) and starts listening on
- * the three ports. Returns 0, or a negative ARQ_E* code with one line naming
- * the port and the problem in 'err'. On failure call arq_server_close() and
- * run the loop once to release what was opened. */
+/* Initialises 'srv' on 'loop' with 'cfg' (borrowed), creates its bus and
+ * starts listening on the three ports. Returns 0, or a negative ARQ_E* code
+ * with one line naming the port and the problem in 'err'. On failure call
+ * arq_server_close() and run the loop once to release what was opened; after
+ * the loop has ended, release the rest with arq_server_free(). */
 int arq_server_start(arq_server_t *srv, uv_loop_t *loop, const arq_config_t *cfg, char *err, size_t errcap);
 
 /* Starts a graceful shutdown: stop accepting, close every client with 1001,
@@ -77,9 +81,9 @@ void arq_server_shutdown(arq_server_t *srv);
 /* Closes every handle at once (after a failed start or at the drain deadline). */
 void arq_server_close(arq_server_t *srv);
 
-/* Sends a data message from 'from' (may be NULL) to every open bus client:
- * framed once, queued by reference. Interim routing until the protocol lands. */
-void arq_server_broadcast(arq_server_t *srv, arq_conn_t *from, uint8_t opcode, const uint8_t *data, size_t len);
+/* Releases what the server owns besides its handles (the bus). Call after
+ * uv_run() has returned. */
+void arq_server_free(arq_server_t *srv);
 
 /* Marks 'c' for a flush at the end of this loop iteration. */
 void arq_server_want_flush(arq_server_t *srv, arq_conn_t *c);

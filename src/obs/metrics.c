@@ -6,7 +6,7 @@
 
 static const char *const close_reason_names[ARQ_CLOSE_REASON_COUNT] = {
     "normal", "shutdown", "protocol_error", "slow_consumer", "heartbeat_timeout",
-    "handshake_failed", "handshake_timeout", "peer_gone", "io_error",
+    "handshake_failed", "handshake_timeout", "peer_gone", "io_error", "replaced", "malformed",
 };
 static const uint16_t protocol_codes[3] = {1002, 1007, 1009};
 static const int handshake_statuses[6] = {400, 405, 426, 431, 503, 408};
@@ -70,9 +70,9 @@ size_t arq_metrics_render(const arq_metrics_t *m, char *p, size_t cap) {
          (unsigned long long)m->handshake_errors[i]);
   header(&o, "arqonbus_slow_consumer_closes_total", "counter", "Clients closed because they could not keep up.");
   emit(&o, "arqonbus_slow_consumer_closes_total %llu\n", (unsigned long long)m->slow_consumer_closes);
-  header(&o, "arqonbus_messages_received_total", "counter", "Data messages received from clients.");
+  header(&o, "arqonbus_messages_received_total", "counter", "WebSocket data messages received from clients.");
   emit(&o, "arqonbus_messages_received_total %llu\n", (unsigned long long)m->messages_received);
-  header(&o, "arqonbus_messages_delivered_total", "counter", "Data messages queued to clients.");
+  header(&o, "arqonbus_messages_delivered_total", "counter", "Envelopes queued to clients: events, private messages, replies, notifications, errors.");
   emit(&o, "arqonbus_messages_delivered_total %llu\n", (unsigned long long)m->messages_delivered);
   header(&o, "arqonbus_received_bytes_total", "counter", "Bytes read from WebSocket clients.");
   emit(&o, "arqonbus_received_bytes_total %llu\n", (unsigned long long)m->bytes_in);

@@ -22,6 +22,8 @@ typedef enum {
   ARQ_CLOSE_HANDSHAKE_TIMEOUT, /* upgrade not complete in time */
   ARQ_CLOSE_PEER_GONE,         /* TCP ended without a close handshake */
   ARQ_CLOSE_IO_ERROR,          /* read or write failed */
+  ARQ_CLOSE_REPLACED,          /* 4001: a newer connection took the client id */
+  ARQ_CLOSE_MALFORMED,         /* 1008: too many malformed envelopes in a row */
   ARQ_CLOSE_REASON_COUNT
 } arq_close_reason_t;
 
@@ -34,7 +36,7 @@ typedef struct arq_metrics {
   uint64_t handshake_errors[6];        /* by status 400, 405, 426, 431, 503, 408 */
   uint64_t slow_consumer_closes;
   uint64_t messages_received;          /* data messages from clients */
-  uint64_t messages_delivered;         /* data messages queued to clients */
+  uint64_t messages_delivered;         /* envelopes queued to clients */
   uint64_t bytes_in;
   uint64_t bytes_out;
   uint64_t http_requests;              /* ops port */
