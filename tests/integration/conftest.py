@@ -34,6 +34,18 @@ def free_port():
         return s.getsockname()[1]
 
 
+def free_ports(n):
+    """Returns 'n' distinct free ports (all bound at once while choosing)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def wait_port(port, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -50,9 +62,7 @@ class Server:
 
     def __init__(self, tmpdir, args=(), env=None, config=None):
         self.tmpdir = tmpdir
-        self.port = free_port()
-        self.telemetry_port = free_port()
-        self.http_port = free_port()
+        self.port, self.telemetry_port, self.http_port = free_ports(3)
         self.args = list(args)
         self.env = dict(env or {})
         self.config = config

@@ -130,14 +130,18 @@ class RawWS:
                 continue
             return op, payload
 
-    def expect_close(self, timeout=5.0):
-        """Reads until a close frame; returns (code, reason). Data frames are skipped."""
+    def expect_close(self, timeout=5.0, skipped=None):
+        """Reads until a close frame; returns (code, reason). Data frames are
+        skipped; when 'skipped' is a list, (opcode, payload) of each skipped
+        data frame is appended to it so that the caller can check them."""
         self.sock.settimeout(timeout)
         while True:
             fin, op, payload = self.recv_frame()
             if op == OP_CLOSE:
                 code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
                 return code, payload[2:].decode("utf-8", "replace")
+            if skipped is not None and op not in (OP_PING, OP_PONG):
+                skipped.append((op, payload))
 
     def wait_eof(self, timeout=5.0):
         """Waits until the server closes the TCP connection; returns seconds waited."""

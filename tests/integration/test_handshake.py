@@ -6,8 +6,15 @@ else gets the documented HTTP error (docs/protocol.md, "Connecting"), after
 which the server closes the connection, and the refusal is counted in
 arqonbus_handshake_errors_total{status}. The connection limit, the handshake
 deadline and many slow handshakes at once are checked here too.
+
+An accepted upgrade is proven end to end with protocol v1 (docs/protocol.md,
+"Envelopes"): the server's first message is the welcome, and a client that
+connected with echo=true and an initial channel gets back the event
+envelopes it sends (with neither room nor channel, so they go to the initial
+channel). Every envelope received is checked against the published schema.
 """
 import asyncio
+import json
 import select
 import socket
 import time
@@ -16,6 +23,7 @@ import pytest
 import websockets
 
 from conftest import SLOW
+from envelopes import Bus, check, error_code, query
 from rawws import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWS, accept_key, close_payload, frame,
                    padded_upgrade_request, send_bytewise, set_nodelay, still_open, upgrade_request)
 
@@ -25,6 +33,43 @@ STATUSES = (400, 405, 408, 426, 431, 503)
 # The example of RFC 6455 section 1.3.
 RFC_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 RFC_ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+ECHO = dict(echo=True, channel="t:echo")
+ECHO_PATH = query(**ECHO)
+
+
+def event(data):
+    """The JSON text (bytes) of an event for the initial channel."""
+    return json.dumps({"type": "event", "payload": {"data": data}}, separators=(",", ":")).encode()
+
+
+def recv_welcome(ws, echo=True):
+    """Reads the first message of an upgraded RawWS: the welcome. Returns the
+    client id the server gave."""
+    op, payload = ws.recv_message()
+    assert op == OP_TEXT, (op, payload)
+    welcome = check(payload)
+    assert welcome["type"] == "system" and welcome["payload"]["event"] == "welcome", welcome
+    if echo:
+        assert welcome["payload"]["echo"] is True, welcome
+        assert welcome["payload"]["subscriptions"] == ["t:echo"], welcome
+    return welcome["payload"]["client_id"]
+
+
+def assert_echo(payload, data, client_id):
+    """'payload' (a dict, or text) is the routed copy of event(data) from 'client_id'."""
+    env = check(payload)
+    assert env["type"] == "event", env
+    assert env["from"] == client_id, env
+    assert (env["room"], env["channel"]) == ("t", "echo"), env
+    assert env["payload"] == {"data": data}, "the event came back altered: %.300r" % env
+
+
+def recv_echo(ws, data, client_id):
+    op, payload = ws.recv_message()
+    assert op == OP_TEXT, (op, payload[:200])
+    assert_echo(payload, data, client_id)
 
 
 def handshake_errors(server):
@@ -51,10 +96,10 @@ def refused(server, request):
 
 
 def test_valid_upgrade_and_frames_right_behind_the_request(server):
-    req, key = upgrade_request(key=RFC_KEY)
+    req, key = upgrade_request(path=ECHO_PATH, key=RFC_KEY)
     with RawWS(server.port, upgrade=False) as ws:
         # The request and a first message in one write, as a pipelining client does.
-        ws.send(req + frame(OP_TEXT, "right behind the request"))
+        ws.send(req + frame(OP_TEXT, event("right behind the request")))
         status, headers = ws.read_http_head()
         assert status == 101
         assert headers["upgrade"].lower() == "websocket"
@@ -62,38 +107,55 @@ def test_valid_upgrade_and_frames_right_behind_the_request(server):
         assert headers["sec-websocket-accept"] == RFC_ACCEPT == accept_key(key)
         assert "sec-websocket-extensions" not in headers
         assert "sec-websocket-protocol" not in headers
-        # Every data message goes to every bus client, the sender included.
-        assert ws.recv_message() == (OP_TEXT, b"right behind the request")
+        # The welcome first, then the event, which comes back to its sender.
+        client_id = recv_welcome(ws)
+        recv_echo(ws, "right behind the request", client_id)
 
 
 def test_many_frames_right_behind_the_request(server):
     """More than one read buffer's worth of frames in the request's write,
     ending with a close: all of it is processed in order."""
     big = bytes(range(256)) * 800  # 200 KiB
-    req, key = upgrade_request()
+    big_text = "".join(chr(0x20 + i % 95) for i in range(200 * 1024))  # 200 KiB of printable ASCII
+    req, key = upgrade_request(path=ECHO_PATH)
     with RawWS(server.port, upgrade=False) as ws:
-        ws.send(req + frame(OP_BINARY, big) + frame(OP_TEXT, "second") + frame(OP_PING, "p")
-                + frame(OP_CLOSE, close_payload(1000)))
+        ws.send(req + frame(OP_BINARY, big) + frame(OP_TEXT, event(big_text)) + frame(OP_TEXT, event("second"))
+                + frame(OP_PING, "p") + frame(OP_CLOSE, close_payload(1000)))
         status, headers = ws.read_http_head()
         assert status == 101
         assert headers["sec-websocket-accept"] == accept_key(key)
-        assert ws.recv_frame() == (True, OP_BINARY, big)
-        assert ws.recv_frame() == (True, OP_TEXT, b"second")
+        fin, op, payload = ws.recv_frame()
+        assert (fin, op) == (True, OP_TEXT)
+        welcome = check(payload)
+        assert welcome["payload"]["event"] == "welcome", welcome
+        client_id = welcome["payload"]["client_id"]
+        # The binary message was taken whole (else the frames after it would
+        # be garbage): the bus answers that it is not an envelope.
+        fin, op, payload = ws.recv_frame()
+        assert (fin, op) == (True, OP_TEXT)
+        assert error_code(check(payload)) == "unsupported_frame", payload
+        fin, op, payload = ws.recv_frame()
+        assert (fin, op) == (True, OP_TEXT)
+        assert_echo(payload, big_text, client_id)
+        fin, op, payload = ws.recv_frame()
+        assert (fin, op) == (True, OP_TEXT)
+        assert_echo(payload, "second", client_id)
         assert ws.recv_frame() == (True, OP_PONG, b"p")
         assert ws.recv_frame() == (True, OP_CLOSE, close_payload(1000))
         ws.wait_eof(5 * SLOW)
 
 
 def test_upgrade_request_split_byte_by_byte(server):
-    req, key = upgrade_request()
+    req, key = upgrade_request(path=ECHO_PATH)
     with RawWS(server.port, upgrade=False) as ws:
         set_nodelay(ws.sock)
         send_bytewise(ws.sock, req)
         status, headers = ws.read_http_head()
         assert status == 101
         assert headers["sec-websocket-accept"] == accept_key(key)
-        ws.send_frame(OP_TEXT, "after a trickled request")
-        assert ws.recv_message() == (OP_TEXT, b"after a trickled request")
+        client_id = recv_welcome(ws)
+        ws.send_frame(OP_TEXT, event("after a trickled request"))
+        recv_echo(ws, "after a trickled request", client_id)
 
 
 def _req(text):
@@ -115,20 +177,24 @@ ACCEPTED_VARIANTS = [
         b"Sec-WebSocket-Key", b"SEC-WEBSOCKET-KEY"), id="field-name-case"),
     pytest.param(lambda r: r.replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version:  13  "),
                  id="whitespace-around-value"),
-    pytest.param(lambda r: r.replace(b"GET / ", b"GET /any/path?with=query ", 1), id="path-and-query"),
+    # Any path; query parameters other than the identity ones are ignored.
+    pytest.param(lambda r: r.replace(b"GET /?", b"GET /any/path?with=query&", 1), id="path-and-query"),
 ]
 
 
 @pytest.mark.parametrize("rewrite", ACCEPTED_VARIANTS)
 def test_upgrade_variants_are_accepted(server, rewrite):
-    req, key = upgrade_request()
+    req, key = upgrade_request(path=ECHO_PATH)
+    variant = rewrite(req)
+    assert variant != req, "the variant did not rewrite the request"
     with RawWS(server.port, upgrade=False) as ws:
-        ws.send(rewrite(req))
+        ws.send(variant)
         status, headers = ws.read_http_head()
         assert status == 101
         assert headers["sec-websocket-accept"] == accept_key(key)
-        ws.send_frame(OP_TEXT, "variant")
-        assert ws.recv_message() == (OP_TEXT, b"variant")
+        client_id = recv_welcome(ws)
+        ws.send_frame(OP_TEXT, event("variant"))
+        recv_echo(ws, "variant", client_id)
 
 
 def test_64_header_fields_are_accepted(server):
@@ -138,6 +204,7 @@ def test_64_header_fields_are_accepted(server):
         status, headers = ws.read_http_head()
         assert status == 101
         assert headers["sec-websocket-accept"] == accept_key(key)
+        recv_welcome(ws, echo=False)
 
 
 GOOD_KEY = "x3JJHMbDL1EzLkh9GBhXDw=="
@@ -180,37 +247,59 @@ def test_refused_handshake(server, request_bytes, status):
 
 @pytest.mark.parametrize("size", [8191, 8192])
 def test_head_up_to_max_header_size_is_accepted(server, size):
-    req, key = padded_upgrade_request(size)
+    req, key = padded_upgrade_request(size, path=ECHO_PATH)
     with RawWS(server.port, upgrade=False) as ws:
-        ws.send(req + frame(OP_TEXT, "8 KiB head"))
+        ws.send(req + frame(OP_TEXT, event("8 KiB head")))
         status, headers = ws.read_http_head()
         assert status == 101
         assert headers["sec-websocket-accept"] == accept_key(key)
-        assert ws.recv_message() == (OP_TEXT, b"8 KiB head")
+        client_id = recv_welcome(ws)
+        recv_echo(ws, "8 KiB head", client_id)
+
+
+def is_event(data):
+    return lambda env: env["type"] == "event" and env["payload"].get("data") == data
+
+
+def assert_notifications(skipped):
+    """Envelopes skipped on the way to an event are channel notifications."""
+    for env in skipped:
+        assert env["type"] == "system" and env["payload"]["event"] in ("client_joined", "client_left"), env
 
 
 def test_connection_limit(make_server):
     server = make_server(args=["--max-connections", "3"])
-    clients = [RawWS(server.port) for _ in range(3)]
+    clients = []
     try:
+        # All three in one channel: an event reaches the others, and its sender
+        # (echo), so each of them shows that its connection works.
+        for _ in range(3):
+            clients.append(Bus(server.port, timeout=5 * SLOW, **ECHO))
         before = handshake_errors(server)
-        status, headers, body = refused(server, upgrade_request()[0])
+        status, headers, body = refused(server, upgrade_request(path=ECHO_PATH)[0])
         assert status == 503
         assert_counted(before, handshake_errors(server), 503)
         # The three that got in still work.
-        clients[0].send_frame(OP_TEXT, "still here")
+        clients[0].send(event("still here"))
         for c in clients:
-            assert c.recv_message() == (OP_TEXT, b"still here")
+            env, skipped = c.recv_until(is_event("still here"))
+            assert_echo(env, "still here", clients[0].id)
+            assert_notifications(skipped)
 
         # One leaves with a close handshake; then there is room for another.
         leaving = clients.pop()
-        leaving.send_frame(OP_CLOSE, close_payload(1000))
-        assert leaving.expect_close() == (1000, "")
+        skipped = []
+        leaving.ws.send_frame(OP_CLOSE, close_payload(1000))
+        assert leaving.ws.expect_close(5 * SLOW, skipped=skipped) == (1000, "")
+        assert skipped == [], skipped
         leaving.close()
         server.wait_metric("arqonbus_connections", lambda v: v == 2)
-        clients.append(RawWS(server.port))
-        clients[-1].send_frame(OP_TEXT, "newcomer")
-        assert clients[-1].recv_message() == (OP_TEXT, b"newcomer")
+        clients.append(Bus(server.port, timeout=5 * SLOW, **ECHO))
+        clients[-1].send(event("newcomer"))
+        for c in clients:
+            env, skipped = c.recv_until(is_event("newcomer"))
+            assert_echo(env, "newcomer", clients[-1].id)
+            assert_notifications(skipped)
     finally:
         for c in clients:
             c.close()
@@ -284,11 +373,14 @@ def test_slow_handshakes_do_not_block_others(server):
             slow.append(s)
 
         async def good_client():
-            async with websockets.connect(server.url, open_timeout=5 * SLOW) as ws:
-                await ws.send("through the crowd")
-                return await asyncio.wait_for(ws.recv(), 5 * SLOW)
+            async with websockets.connect(server.url + ECHO_PATH, open_timeout=5 * SLOW) as ws:
+                welcome = check(await asyncio.wait_for(ws.recv(), 5 * SLOW))
+                assert welcome["payload"]["event"] == "welcome", welcome
+                await ws.send(event("through the crowd").decode())
+                return welcome["payload"]["client_id"], await asyncio.wait_for(ws.recv(), 5 * SLOW)
 
-        assert asyncio.run(good_client()) == "through the crowd"
+        client_id, reply = asyncio.run(good_client())
+        assert_echo(reply, "through the crowd", client_id)
         # The default handshake timeout is 10 s: the server must not have
         # dropped any of the slow ones meanwhile.
         assert time.monotonic() - start < 9, "inconclusive: the 10 s handshake timeout may have passed"

@@ -6,6 +6,9 @@ the documented fields, the Prometheus text format with HELP and TYPE lines,
 malformed requests and 431 for oversized heads, every answer with
 Connection: close; and an arqonbus_connections gauge that always equals the
 number of WebSocket clients connected, on the bus and telemetry ports.
+
+Every bus connection gets a welcome envelope first; the tests read it and
+check every envelope they receive against the published schema.
 """
 import asyncio
 import json
@@ -16,8 +19,10 @@ import time
 import pytest
 import websockets
 
+from busprobe import counted_bus, echo_roundtrip, expect_only_close, ping_roundtrip, read_welcome
 from conftest import BIN, SLOW
-from rawws import OP_CLOSE, OP_TEXT, RawWS, close_payload
+from envelopes import Bus, check, error_code
+from rawws import OP_CLOSE, close_payload
 from wsutil import closed_total, connect_many, http_request, reset
 
 JSON = "application/json"
@@ -30,7 +35,7 @@ FAMILIES = {
     "arqonbus_connections_opened_total": ("counter", None),
     "arqonbus_connections_closed_total": ("counter", ("reason", {
         "normal", "shutdown", "protocol_error", "slow_consumer", "heartbeat_timeout", "handshake_failed",
-        "handshake_timeout", "peer_gone", "io_error"})),
+        "handshake_timeout", "peer_gone", "io_error", "replaced", "malformed"})),
     "arqonbus_protocol_errors_total": ("counter", ("code", {"1002", "1007", "1009"})),
     "arqonbus_handshake_errors_total": ("counter", ("status", {"400", "405", "408", "426", "431", "503"})),
     "arqonbus_slow_consumer_closes_total": ("counter", None),
@@ -144,23 +149,74 @@ def test_metrics_count_requests_and_traffic(server):
     get(server, "/nope")
     http_request(server.http_port, b"PUT /health HTTP/1.1\r\n\r\n")
     http_request(server.http_port, b"GARBAGE\r\n\r\n")
-    with RawWS(server.port) as ws:
-        ws.send_frame(OP_TEXT, "hello")
-        assert ws.recv_message() == (OP_TEXT, b"hello")
+    # A bus client whose socket counts every byte: the welcome, an event that
+    # comes back (echo), a command and its reply, and two messages that get
+    # error envelopes (a binary one, and text that is not JSON).
+    bus, sock, request_len = counted_bus(server.port, timeout=5 * SLOW, echo=True, channel="t:echo")
+    with bus:
+        ws = bus.ws
+        echo_roundtrip(bus, "hello")
+        ping_roundtrip(bus, "arq_metrics")
+        bus.send_binary(b"\x00\x01")
+        assert error_code(bus.recv()) == "unsupported_frame"
+        bus.send("not json")
+        assert error_code(bus.recv()) == "invalid_json"
         ws.send_frame(OP_CLOSE, close_payload(1000))
-        ws.expect_close(5 * SLOW)
+        assert expect_only_close(ws, 5 * SLOW) == (1000, "")
         ws.wait_eof(5 * SLOW)
     normal = 'arqonbus_connections_closed_total{reason="normal"}'
     server.wait_metric(normal, lambda v: v == before[normal] + 1)
     m = server.metrics()
     assert m["arqonbus_http_requests_total"] == again["arqonbus_http_requests_total"] + 5
     assert m["arqonbus_connections_opened_total"] == before["arqonbus_connections_opened_total"] + 1
-    assert m["arqonbus_messages_received_total"] == before["arqonbus_messages_received_total"] + 1
-    assert m["arqonbus_messages_delivered_total"] == before["arqonbus_messages_delivered_total"] + 1
-    # In: an 11-byte text frame and an 8-byte close frame. Out: the 101
-    # response, the 7-byte echo and the 4-byte close frame.
-    assert m["arqonbus_received_bytes_total"] - before["arqonbus_received_bytes_total"] == 11 + 8
-    assert m["arqonbus_sent_bytes_total"] - before["arqonbus_sent_bytes_total"] > 7 + 4
+    # Received: the four data messages (the close frame is not one).
+    assert m["arqonbus_messages_received_total"] == before["arqonbus_messages_received_total"] + 4
+    # Delivered: every envelope queued, welcome, echo, reply and both errors.
+    assert m["arqonbus_messages_delivered_total"] == before["arqonbus_messages_delivered_total"] + 5
+    # Bytes: in, everything the client sent after its upgrade request (four
+    # frames and an 8-byte close frame); out, everything it received, the
+    # 101 response and the 4-byte close frame included.
+    assert sock.sent - request_len > 8
+    assert m["arqonbus_received_bytes_total"] - before["arqonbus_received_bytes_total"] == sock.sent - request_len
+    assert m["arqonbus_sent_bytes_total"] - before["arqonbus_sent_bytes_total"] == sock.received
+
+
+def test_metrics_count_replaced_and_malformed_closes(server):
+    """The closes of protocol v1 have reasons of their own: a connection
+    replaced by a newer one with its client_id (4001), and a client closed
+    for max_malformed malformed messages in a row (1008)."""
+    before = server.metrics()
+    t = 5 * SLOW
+    with Bus(server.port, timeout=t, client_id="twin") as old, Bus(server.port, timeout=t, client_id="twin") as new:
+        assert expect_only_close(old.ws, t) == (4001, "replaced by a new connection with the same client_id")
+        old.ws.wait_eof(t)
+        ping_roundtrip(new, "arq_new_twin")
+    with Bus(server.port, timeout=t) as bad:
+        limit = bad.welcome["payload"]["limits"]["max_malformed"]
+        assert limit == 10
+        for i in range(limit):
+            if i % 2:
+                bad.send_binary(b"\x00")
+                assert error_code(bad.recv()) == "unsupported_frame"
+            else:
+                bad.send("not json %d" % i)
+                assert error_code(bad.recv()) == "invalid_json"
+        assert expect_only_close(bad.ws, t) == (1008, "too many malformed messages")
+        bad.ws.wait_eof(t)
+    server.wait_metric("arqonbus_connections", lambda v: v == 0)
+    m = server.metrics()
+    delta = {k: m[k] - before[k] for k in m}
+    closed = {k.split('"')[1]: v for k, v in delta.items() if k.startswith("arqonbus_connections_closed_total{")}
+    assert closed["replaced"] == 1 and closed["malformed"] == 1, closed
+    assert closed["normal"] + closed["peer_gone"] + closed["io_error"] == 1, closed  # the new twin
+    assert sum(closed.values()) == 3, closed
+    # Neither is a WebSocket protocol violation or a slow consumer.
+    assert all(v == 0 for k, v in delta.items() if k.startswith("arqonbus_protocol_errors_total{")), delta
+    assert delta["arqonbus_slow_consumer_closes_total"] == 0
+    # Received: the ping and the 10 malformed messages; delivered: three
+    # welcomes, the pong and ten errors.
+    assert delta["arqonbus_messages_received_total"] == 11
+    assert delta["arqonbus_messages_delivered_total"] == 3 + 1 + 10
 
 
 # ---- errors --------------------------------------------------------------------
@@ -264,12 +320,19 @@ def test_connections_gauge_follows_connects_and_disconnects(server):
         telemetry = connect_many(server.telemetry_port, 2)
         py = [await websockets.connect(server.url, open_timeout=5 * SLOW) for _ in range(2)]
         try:
+            # Every bus client has its welcome (read, so that closing a
+            # socket below sends a FIN, not a reset for unread data).
+            for ws in bus:
+                read_welcome(ws, 5 * SLOW)
+            for ws in py:
+                welcome = check(await asyncio.wait_for(ws.recv(), 5 * SLOW))
+                assert welcome["payload"]["event"] == "welcome", welcome
             # Handshakes done, every client counted; ops requests are not.
             assert gauge(server) == 9
             # A clean close, a close frame without waiting, a reset, a FIN
             # without a close frame, a library close, a telemetry close.
             bus[0].send_frame(OP_CLOSE, close_payload(1000))
-            assert bus[0].expect_close(5 * SLOW) == (1000, "")
+            assert expect_only_close(bus[0], 5 * SLOW) == (1000, "")
             bus[0].wait_eof(5 * SLOW)
             bus[0].close()
             wait_gauge(server, 8)
@@ -284,6 +347,8 @@ def test_connections_gauge_follows_connects_and_disconnects(server):
             # New clients are counted again.
             more = connect_many(server.port, 3)
             assert gauge(server) == 6
+            for ws in more:
+                read_welcome(ws, 5 * SLOW)
             for ws in more + bus[4:] + telemetry[1:]:
                 ws.close()
             await asyncio.wait_for(py[1].close(), 5 * SLOW)

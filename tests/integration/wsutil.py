@@ -3,21 +3,42 @@
 rawws.RawWS reads one connection at a time and blocks; fan-out tests need to
 read many connections at once without letting any of them fall behind, so
 this module parses server frames out of a RawWS's buffer without blocking
-and reads a set of connections together with a selector. It also has a
+and reads a set of connections together with a selector: read_messages
+returns the raw data messages, read_envelopes the protocol v1 envelopes,
+each checked against the published schema (envelopes.check). It also has a
 one-shot raw HTTP client for the ops port (urllib cannot send a malformed
 request) and a way to end a TCP connection with a reset.
 """
+import os
 import selectors
 import socket
 import struct
 import time
 
-from rawws import OP_CLOSE, OP_PING, OP_PONG, RawWS, accept_key, parse_close, upgrade_request
+from envelopes import check
+from rawws import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWS, accept_key, parse_close, upgrade_request
 
 
 def frame_size(n):
     """Bytes on the wire of an unmasked server frame with an 'n'-byte payload."""
     return n + (2 if n < 126 else 4 if n < 65536 else 10)
+
+
+def masked_frame(opcode, payload):
+    """One masked client frame, like rawws.frame but masked with big-integer
+    arithmetic instead of byte by byte: fast enough for messages of many
+    megabytes."""
+    key = os.urandom(4)
+    n = len(payload)
+    b0 = 0x80 | opcode
+    if n < 126:
+        head = struct.pack("!BB", b0, 0x80 | n)
+    elif n < 65536:
+        head = struct.pack("!BBH", b0, 0x80 | 126, n)
+    else:
+        head = struct.pack("!BBQ", b0, 0x80 | 127, n)
+    mask = (key * (n // 4 + 1))[:n]
+    return head + key + (int.from_bytes(payload, "big") ^ int.from_bytes(mask, "big")).to_bytes(n, "big")
 
 
 def pop_frame(ws):
@@ -50,14 +71,60 @@ def read_messages(conns, counts, timeout):
     connection. Pings and pongs are skipped; a close frame, an end of stream
     or the timeout fail with what each connection had received so far."""
     got = [[] for _ in conns]
+
+    def take(i, op, payload):
+        got[i].append((op, payload))
+        return True
+    _read(conns, counts, timeout, take)
+    return got
+
+
+def read_envelopes(conns, counts, timeout, counted=None, raw=False):
+    """Reads every RawWS of 'conns' at once until conns[i] has received
+    counts[i] more envelopes for which counted(env) holds (every envelope
+    when 'counted' is None). Returns one list per connection of every
+    envelope read, counted or not, in order: dicts checked against the
+    server schema with envelopes.check(), or (dict, text bytes) pairs when
+    'raw'. A binary message fails; what arrives after the last counted
+    envelope stays buffered for the next read. Pings and pongs are skipped;
+    a close frame, an end of stream or the timeout fail as in
+    read_messages."""
+    got = [[] for _ in conns]
+
+    def take(i, op, payload):
+        assert op == OP_TEXT, "connection %d got opcode %r, not a text envelope: %r" % (i, op, payload[:200])
+        env = check(payload)
+        got[i].append((env, payload) if raw else env)
+        return counted is None or bool(counted(env))
+    _read(conns, counts, timeout, take)
+    return got
+
+
+def _read(conns, counts, timeout, take):
+    """Reads 'conns' at once, handing each data message to take(i, opcode,
+    payload), until take has returned True counts[i] times for conns[i]."""
+    n = [0] * len(conns)
     sel = selectors.DefaultSelector()
-    for i, ws in enumerate(conns):
-        while len(got[i]) < counts[i]:
+
+    def pump(i):
+        ws = conns[i]
+        while n[i] < counts[i]:
             f = pop_frame(ws)
             if f is None:
-                break
-            _take(got, i, f)
-        if len(got[i]) < counts[i]:
+                return
+            fin, op, payload = f
+            if op in (OP_PING, OP_PONG):
+                continue
+            if op == OP_CLOSE:
+                raise AssertionError("connection %d was closed with %r after %d messages"
+                                     % (i, parse_close(payload), n[i]))
+            assert fin, "the server fragmented a message"
+            if take(i, op, payload):
+                n[i] += 1
+
+    for i, ws in enumerate(conns):
+        pump(i)
+        if n[i] < counts[i]:
             sel.register(ws.sock, selectors.EVENT_READ, i)
     deadline = time.monotonic() + timeout
     try:
@@ -65,34 +132,19 @@ def read_messages(conns, counts, timeout):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError("timed out; messages received per connection: %r (wanted %r)"
-                                     % ([len(g) for g in got], list(counts)))
+                                     % (n, list(counts)))
             for key, _ in sel.select(left):
                 i = key.data
                 ws = conns[i]
                 chunk = ws.sock.recv(1 << 20)
                 if not chunk:
-                    raise AssertionError("connection %d ended after %d of %d messages" % (i, len(got[i]), counts[i]))
+                    raise AssertionError("connection %d ended after %d of %d messages" % (i, n[i], counts[i]))
                 ws.buf += chunk
-                while len(got[i]) < counts[i]:
-                    f = pop_frame(ws)
-                    if f is None:
-                        break
-                    _take(got, i, f)
-                if len(got[i]) >= counts[i]:
+                pump(i)
+                if n[i] >= counts[i]:
                     sel.unregister(ws.sock)
     finally:
         sel.close()
-    return got
-
-
-def _take(got, i, f):
-    fin, op, payload = f
-    if op in (OP_PING, OP_PONG):
-        return
-    if op == OP_CLOSE:
-        raise AssertionError("connection %d was closed with %r after %d messages" % (i, parse_close(payload), len(got[i])))
-    assert fin, "the server fragmented a message"
-    got[i].append((op, payload))
 
 
 def drain_to_end(ws, timeout):
@@ -124,9 +176,12 @@ def drain_to_end(ws, timeout):
         ws.buf += chunk
 
 
-def connect_many(port, n, timeout=5.0, rcvbuf=None):
+def connect_many(port, n, timeout=5.0, rcvbuf=None, path="/"):
     """Opens 'n' upgraded RawWS connections, sending every request before
-    reading any answer."""
+    reading any answer. 'path' is the request target of each (on the bus
+    port, its query string sets the client's identity, initial channel and
+    echo: see envelopes.query). Nothing is read after the 101: on the bus
+    port the welcome envelope is the first message each will read."""
     socks = []
     try:
         for _ in range(n):
@@ -140,7 +195,7 @@ def connect_many(port, n, timeout=5.0, rcvbuf=None):
         for s in socks:
             ws = RawWS.__new__(RawWS)  # an already connected socket, upgraded below
             ws.sock, ws.buf, ws.status, ws.headers = s, b"", None, {}
-            req, key = upgrade_request()
+            req, key = upgrade_request(path=path)
             s.sendall(req)
             conns.append(ws)
             keys.append(key)

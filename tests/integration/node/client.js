@@ -3,19 +3,22 @@
 // It reads one JSON script on stdin, plays it against the server and prints
 // one JSON report on stdout of what it observed, so that the Python test can
 // assert behaviour as a Node application sees it. Payloads travel as base64
-// so that binary data and UTF-8 split inside a code point survive JSON.
+// so that binary data and UTF-8 split inside a code point survive JSON. Every
+// message received is reported, the bus's welcome included: as base64 (the
+// exact bytes) and, for a text message, as the text Node decoded, so that the
+// Python side can check each envelope against the published schema.
 //
 // Script:
-//   {"url": "ws://127.0.0.1:9100",
-//    "steps": [{"op": "text", "data": "hello"},
+//   {"url": "ws://127.0.0.1:9100/?echo=true&channel=t:node",
+//    "steps": [{"op": "text", "data": "{\"type\":\"event\",\"payload\":{}}"},
 //              {"op": "fragments", "parts": ["<b64>", ...], "binary": false},
 //              {"op": "binary", "data": "<b64>"},
 //              {"op": "ping", "data": "<b64>"}],
-//    "expect_messages": 3,                  // close once this many arrived...
+//    "expect_messages": 3,                  // close once this many arrived (the welcome counts)...
 //    "close": {"code": 1000, "reason": "bye"},  // ...with this; null: wait for the server to close
 //    "timeout_ms": 10000}
 // Report:
-//   {"opened": true, "messages": [{"binary": false, "data": "<b64>"}],
+//   {"opened": true, "messages": [{"binary": false, "data": "<b64>", "text": "<utf-8>"}],
 //    "pongs": ["<b64>"], "close": {"code": 1000, "reason": "<utf-8>"},
 //    "error": null, "timed_out": false}
 'use strict';
@@ -95,7 +98,9 @@ async function main() {
     maybeClose();
   });
   ws.on('message', (data, isBinary) => {
-    report.messages.push({ binary: isBinary, data: b64(data) });
+    const m = { binary: isBinary, data: b64(data) };
+    if (!isBinary) m.text = Buffer.from(data).toString('utf8');
+    report.messages.push(m);
     maybeClose();
   });
   ws.on('pong', (data) => {
