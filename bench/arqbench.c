@@ -2,10 +2,11 @@
  *
  * One process, one libuv loop. It opens N subscriber connections and one
  * publisher connection (raw TCP, a hand-written upgrade request, the 101 and
- * its accept key checked), then the publisher sends M masked text frames.
- * The server delivers every message to every open bus client, the publisher
- * included, so each subscriber should see every sequence number once, in
- * order.
+ * its accept key checked). Subscribers join the channel bench:fanout with the
+ * channel query parameter of their upgrade; then the publisher sends M event
+ * envelopes to that channel as masked text frames. Each subscriber should see
+ * every sequence number once, in order; the publisher gets none back (the
+ * server does not echo a sender's events by default).
  *
  * Flow control is a window over whole deliveries: a message is complete when
  * all N subscribers have received it (a countdown per sequence number), and
@@ -13,9 +14,14 @@
  * what the server queues per client far below its slow-consumer limit, so the
  * run measures throughput without anyone being disconnected.
  *
- * Payload, valid UTF-8 and exactly --size bytes:
+ * Each message is an envelope of exactly --size bytes:
  *
- *   <seq>:<send time, ns since the run started (CLOCK_MONOTONIC)>:xxxx...x
+ *   {"type":"event","room":"bench","channel":"fanout","payload":{"m":"<seq>:<ns>:xx...x"}}
+ *
+ * where <ns> is the send time in ns since the run started (CLOCK_MONOTONIC).
+ * Subscribers find the sequence number after "payload":{"m":" in what the
+ * server delivers; other envelopes (the welcome, join notifications) are
+ * counted and skipped.
  *
  * Latency is receive time minus send time, with the receive time taken once
  * per read callback (a read holds many frames), into a log-linear histogram
@@ -49,6 +55,9 @@
 #define TICK_MS 50
 #define SERVER_DEFAULT_QUEUE (1024 * 1024) /* max_outbound_queue */
 #define MAX_CLOSE_CODES 16
+#define ENV_PREFIX "{\"type\":\"event\",\"room\":\"bench\",\"channel\":\"fanout\",\"payload\":{\"m\":\""
+#define ENV_SUFFIX "\"}}"
+#define DELIVERED_KEY "\"payload\":{\"m\":\""
 #define HIST_SUB_BITS 5
 #define HIST_SUB (1u << HIST_SUB_BITS)
 #define HIST_BUCKETS (2 * HIST_SUB + (64 - HIST_SUB_BITS - 1) * HIST_SUB)
@@ -124,7 +133,8 @@ struct bench {
   uint64_t now_ns;          /* receive time of the read being processed */
   /* results */
   uint64_t deliveries;      /* data messages received by subscribers */
-  uint64_t echoes;          /* data messages received by the publisher */
+  uint64_t echoes;          /* envelopes received by the publisher (its welcome) */
+  uint64_t system_msgs;     /* other envelopes received by subscribers */
   uint64_t order_errors;    /* gaps, repeats, reordering, unparsable payloads */
   uint64_t unexpected_closes;
   close_count_t closes[MAX_CLOSE_CODES];
@@ -356,11 +366,14 @@ static void publish_more(bench_t *b) {
     for (uint64_t i = 0; i < n; i++) {
       uint64_t seq = b->sent + i;
       uint8_t *payload = frame_append(b, w, ARQ_WS_OP_TEXT, o->size);
-      size_t k = put_u64((char *)payload, seq);
+      size_t k = sizeof ENV_PREFIX - 1;
+      memcpy(payload, ENV_PREFIX, k);
+      k += put_u64((char *)payload + k, seq);
       payload[k++] = ':';
       k += put_u64((char *)payload + k, ts);
       payload[k++] = ':';
-      memset(payload + k, 'x', o->size - k);
+      memset(payload + k, 'x', o->size - k - (sizeof ENV_SUFFIX - 1));
+      memcpy(payload + o->size - (sizeof ENV_SUFFIX - 1), ENV_SUFFIX, sizeof ENV_SUFFIX - 1);
       b->remaining[seq] = o->subs;
       arq_ws_mask(payload, o->size, payload - 4, 0);
     }
@@ -394,10 +407,17 @@ static void on_data(peer_t *p, const uint8_t *data, size_t len) {
   bench_t *b = p->bench;
   if (p->publisher) {
     b->echoes++;
+    if (len > 30 && memmem(data, len, "\"type\":\"error\"", 15))
+      abort_run(b, "the server answered the publisher with an error: %.*s", (int)(len > 300 ? 300 : len), data);
+    return;
+  }
+  const uint8_t *key = memmem(data, len, DELIVERED_KEY, sizeof DELIVERED_KEY - 1);
+  if (!key) {
+    b->system_msgs++;
     return;
   }
   b->deliveries++;
-  const uint8_t *s = data, *end = data + len;
+  const uint8_t *s = key + sizeof DELIVERED_KEY - 1, *end = data + len;
   uint64_t seq, ts;
   if (!get_u64(&s, end, &seq) || !get_u64(&s, end, &ts) || seq >= b->sent) {
     b->order_errors++;
@@ -462,16 +482,20 @@ static void connect_more(bench_t *b);
 /* Checks the 101 once the whole head is in; the bytes after it are frames. */
 static void read_handshake(peer_t *p, const uint8_t *data, size_t n) {
   bench_t *b = p->bench;
-  if (p->head_len + n >= MAX_RESPONSE_HEAD) {
-    abort_run(b, "the upgrade response head is too long");
-    return;
-  }
-  memcpy(p->head + p->head_len, data, n);
-  p->head_len += n;
+  /* Frames (the welcome) may follow the head in the same read: copy only
+   * what fits, the rest is handed to the frame reader below. */
+  size_t take = MAX_RESPONSE_HEAD - 1 - p->head_len;
+  if (take > n)
+    take = n;
+  memcpy(p->head + p->head_len, data, take);
+  p->head_len += take;
   p->head[p->head_len] = '\0';
   char *end = strstr(p->head, "\r\n\r\n");
-  if (end == NULL)
+  if (end == NULL) {
+    if (p->head_len == MAX_RESPONSE_HEAD - 1)
+      abort_run(b, "the upgrade response head is too long");
     return;
+  }
   size_t head_len = (size_t)(end + 4 - p->head);
   char expect[ARQ_WS_ACCEPT_LEN + 1];
   arq_ws_accept_key(p->key, strlen(p->key), expect);
@@ -499,6 +523,8 @@ static void read_handshake(peer_t *p, const uint8_t *data, size_t n) {
   uint8_t *frames = (uint8_t *)p->head + head_len;
   if (rest > 0)
     read_frames(p, frames, rest);
+  if (n > take && p->state == PEER_OPEN)
+    read_frames(p, (uint8_t *)data + take, n - take);
   arq_free(p->head);
   p->head = NULL;
   if (b->finishing)
@@ -565,13 +591,14 @@ static void on_connect(uv_connect_t *req, int status) {
   }
   out_write_t *w = write_new(p, 512);
   int n = snprintf((char *)w->data, 512,
-                   "GET / HTTP/1.1\r\n"
+                   "GET %s HTTP/1.1\r\n"
                    "Host: %s:%d\r\n"
                    "Upgrade: websocket\r\n"
                    "Connection: Upgrade\r\n"
                    "Sec-WebSocket-Key: %s\r\n"
                    "Sec-WebSocket-Version: 13\r\n"
                    "\r\n",
+                   p->publisher ? "/?client_id=bench-publisher&client_type=service" : "/?channel=bench:fanout",
                    b->opt.host, b->opt.port, p->key);
   w->len = (size_t)n;
   write_start(w);
@@ -623,8 +650,9 @@ static void print_summary(const bench_t *b) {
          b->completed, o->msgs, b->limit_hit && b->sent < o->msgs ? ", stopped by --duration-limit" : "");
   printf("  payload size        %zu bytes (%zu on the wire per frame to a client)\n", o->size, b->frame_len - 4);
   printf("  window              %u messages\n", o->window);
-  printf("  deliveries          %" PRIu64 " to subscribers (+%" PRIu64 " echoes to the publisher)\n",
-         b->deliveries, b->echoes);
+  printf("  deliveries          %" PRIu64 " to subscribers (+%" PRIu64 " system envelopes to them, %" PRIu64
+         " to the publisher)\n",
+         b->deliveries, b->system_msgs, b->echoes);
   printf("  elapsed             %.3f s\n", elapsed);
   printf("  deliveries/s        %.0f\n", (double)b->deliveries * per_s);
   printf("  messages/s          %.0f published, %.0f complete\n", (double)b->sent * per_s,
@@ -704,10 +732,10 @@ static void on_tick(uv_timer_t *t) {
 
 static void usage(FILE *out) {
   fputs("usage: arqbench --port PORT [--host 127.0.0.1] [--subs 1000] [--msgs 200000]\n"
-        "                [--size 32] [--window 1000] [--duration-limit 60]\n"
-        "Fan-out benchmark: SUBS subscribers receive MSGS messages of SIZE payload\n"
-        "bytes from one publisher, with at most WINDOW messages not yet received by\n"
-        "every subscriber. Publishing stops after DURATION-LIMIT seconds.\n",
+        "                [--size 128] [--window 1000] [--duration-limit 60]\n"
+        "Fan-out benchmark: SUBS subscribers of bench:fanout receive MSGS event\n"
+        "envelopes of SIZE bytes from one publisher, with at most WINDOW messages not\n"
+        "yet received by every subscriber. Publishing stops after DURATION-LIMIT seconds.\n",
         out);
 }
 
@@ -728,7 +756,7 @@ static int parse_options(int argc, char **argv, options_t *o) {
       {"duration-limit", required_argument, NULL, 'd'}, {"help", no_argument, NULL, 'H'},
       {NULL, 0, NULL, 0},
   };
-  *o = (options_t){.host = "127.0.0.1", .subs = 1000, .msgs = 200000, .size = 32, .window = 1000,
+  *o = (options_t){.host = "127.0.0.1", .subs = 1000, .msgs = 200000, .size = 128, .window = 1000,
                    .duration_limit = 60};
   int c;
   uint64_t v;
@@ -789,7 +817,7 @@ static int parse_options(int argc, char **argv, options_t *o) {
   /* The payload text must fit: the largest sequence number and the latest
    * possible send time, two colons. */
   uint64_t latest_ns = (uint64_t)((o->duration_limit + 1) * 1e9);
-  size_t need = digits(o->msgs - 1) + 1 + digits(latest_ns) + 1;
+  size_t need = sizeof ENV_PREFIX - 1 + digits(o->msgs - 1) + 1 + digits(latest_ns) + 1 + sizeof ENV_SUFFIX - 1;
   if (o->size < need) {
     fprintf(stderr, "arqbench: --size must be at least %zu bytes for these --msgs and --duration-limit\n", need);
     return ARQ_EINVAL;
