@@ -55,6 +55,7 @@ typedef enum {
   T_LOGFMT,   /* arq_logfmt_t */
   T_CHANNELS, /* char *: comma-separated room:channel names, may be empty */
   T_IDS,      /* char *: comma-separated client ids, may be empty */
+  T_CHANNEL,  /* char *: one room:channel name, or empty */
 } kind_t;
 
 typedef struct setting {
@@ -119,6 +120,16 @@ static const setting_t settings[] = {
      "room:channel names that always exist and cannot be deleted (comma-separated, or a YAML list)"},
     {"admins", T_IDS, STR(admins), 0, 0, "",
      "client ids allowed to create and delete channels (comma-separated, or a YAML list); empty allows everyone"},
+    {"telemetry_channel", T_CHANNEL, STR(telemetry_channel), 0, 0, "integriguard:telemetry-stream",
+     "room:channel where telemetry envelopes from clients are published; empty publishes them on the telemetry port only"},
+    {"dashboard_channel", T_CHANNEL, STR(dashboard_channel), 0, 0, "integriguard:dashboard-events",
+     "room:channel of agent_activity events about ai-agent and service clients; empty publishes none on the bus"},
+    {"telemetry_stats_interval", T_DURATION, U64(telemetry_stats_interval_ms), 0, 60 * MIN, "5s",
+     "how often telemetry clients get a stats snapshot; 0 sends none"},
+    {"telemetry_queue", T_SIZE, U64(telemetry_queue), 4 * KIB, 64 * MIB, "256KiB",
+     "most bytes queued to one telemetry client; events beyond it are dropped for that client and counted"},
+    {"stats_log_interval", T_DURATION, U64(stats_log_interval_ms), 0, 24 * HOUR, "60s",
+     "how often a stats line is logged; 0 turns it off"},
 };
 
 #define NSETTINGS (sizeof settings / sizeof settings[0])
@@ -271,6 +282,9 @@ static void expected(const setting_t *s, char *buf, size_t cap) {
   case T_IDS:
     snprintf(buf, cap, "client ids separated by commas (1-64 of A-Z a-z 0-9 _ - . @)");
     break;
+  case T_CHANNEL:
+    snprintf(buf, cap, "one room:channel name (names: 1-64 of A-Z a-z 0-9 _ - .), or empty");
+    break;
   }
 }
 
@@ -392,10 +406,13 @@ static int set_value(arq_config_t *c, const setting_t *s, const char *text, cons
     *(int *)field = level;
     return 0;
   case T_CHANNELS:
-  case T_IDS: {
-    char *list = parse_list(text, s->kind);
-    if (!list)
+  case T_IDS:
+  case T_CHANNEL: {
+    char *list = parse_list(text, s->kind == T_CHANNEL ? T_CHANNELS : s->kind);
+    if (!list || (s->kind == T_CHANNEL && strchr(list, ','))) {
+      arq_free(list);
       goto invalid;
+    }
     arq_free(*(char **)field);
     *(char **)field = list;
     return 0;
@@ -437,6 +454,10 @@ void arq_config_free(arq_config_t *c) {
   c->bootstrap_channels = NULL;
   arq_free(c->admins);
   c->admins = NULL;
+  arq_free(c->telemetry_channel);
+  c->telemetry_channel = NULL;
+  arq_free(c->dashboard_channel);
+  c->dashboard_channel = NULL;
 }
 
 /* ---- the YAML file ------------------------------------------------------ */
@@ -822,6 +843,8 @@ static const char *metavar(kind_t kind) {
     return "LIST";
   case T_IDS:
     return "LIST";
+  case T_CHANNEL:
+    return "CHANNEL";
   }
   return "VALUE";
 }

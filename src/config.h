@@ -44,6 +44,11 @@ typedef struct arq_config {
   uint64_t channel_ttl_ms;       /* how long an empty channel lives */
   char *bootstrap_channels;      /* comma-separated room:channel names */
   char *admins;                  /* comma-separated client ids, "" for none */
+  char *telemetry_channel;       /* room:channel of client telemetry, "" for none */
+  char *dashboard_channel;       /* room:channel of agent_activity, "" for none */
+  uint64_t telemetry_stats_interval_ms; /* stats snapshots to telemetry clients, 0 off */
+  uint64_t telemetry_queue;      /* bytes queued to one telemetry client before drops */
+  uint64_t stats_log_interval_ms;/* the stats log line, 0 off */
   char *config_file;             /* the file read, NULL when none */
 } arq_config_t;
 

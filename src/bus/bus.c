@@ -22,6 +22,21 @@
 #include "wire/frame.h"
 #include "wire/utf8.h"
 
+static const char *const tel_names[ARQ_TEL_NEVENTS] = {
+    "client_connected", "client_disconnected", "channel_created",  "channel_deleted", "client_joined",
+    "client_left",      "command_executed",    "error",            "protocol_violation", "slow_consumer",
+    "stats",            "client_telemetry",    "agent_activity",
+};
+
+const char *arq_tel_name(arq_tel_event_t ev) { return (unsigned)ev < ARQ_TEL_NEVENTS ? tel_names[ev] : "?"; }
+
+int arq_tel_parse(const char *s, size_t n) {
+  for (int i = 0; i < ARQ_TEL_NEVENTS; i++)
+    if (strlen(tel_names[i]) == n && memcmp(tel_names[i], s, n) == 0)
+      return i;
+  return -1;
+}
+
 void arq_bus_opts_defaults(arq_bus_opts_t *o) {
   memset(o, 0, sizeof *o);
   o->server_version = "0";
@@ -33,6 +48,8 @@ void arq_bus_opts_defaults(arq_bus_opts_t *o) {
   o->history_max_limit = 500;
   o->max_malformed = 10;
   o->channel_ttl_ms = 300000;
+  o->telemetry_channel = "integriguard:telemetry-stream";
+  o->dashboard_channel = "integriguard:dashboard-events";
 }
 
 static char **copy_list(const char *const *l) {
@@ -63,6 +80,7 @@ arq_bus_t *arq_bus_new(const arq_bus_opts_t *o, const arq_bus_io_t *io, arq_hist
   b->io = *io;
   b->history = history;
   b->started_at = arq_time_wall_ms();
+  b->cmd_error = -1;
   arq_list_init(&b->dead);
   for (size_t i = 0; b->admins[i]; i++) {
     if (!arq_names_valid_client_id(b->admins[i], strlen(b->admins[i]))) {
@@ -79,13 +97,31 @@ arq_bus_t *arq_bus_new(const arq_bus_opts_t *o, const arq_bus_io_t *io, arq_hist
     }
     arq_router_ensure(b, r, c, &created)->bootstrap = true;
   }
+  /* The telemetry and dashboard channels always exist, like bootstrap ones
+   * (NULL or "": that feature publishes nothing on the bus). */
+  const char *special[2] = {o->telemetry_channel, o->dashboard_channel};
+  char *rooms[2] = {b->tel_room, b->dash_room}, *chans[2] = {b->tel_channel, b->dash_channel};
+  for (int i = 0; i < 2; i++) {
+    bool created;
+    if (!special[i] || !special[i][0])
+      continue;
+    if (arq_names_split(special[i], rooms[i], chans[i]) != 0 || !chans[i][0]) {
+      snprintf(err, errcap, "%s channel \"%.64s\" is not a valid room:channel", i ? "dashboard" : "telemetry",
+               special[i]);
+      goto fail;
+    }
+    arq_router_ensure(b, rooms[i], chans[i], &created)->bootstrap = true;
+  }
+  b->o.telemetry_channel = b->o.dashboard_channel = NULL; /* the copies above are what counts */
   return b;
 fail:
   arq_bus_free(b);
   return NULL;
 }
 
-static void client_unref(arq_client_t *c) {
+void arq_bus_client_ref(arq_client_t *c) { c->refs++; }
+
+void arq_bus_client_unref(arq_client_t *c) {
   if (--c->refs > 0)
     return;
   arq_free(c->screen_name);
@@ -98,10 +134,11 @@ static void client_unref(arq_client_t *c) {
 void arq_bus_free(arq_bus_t *b) {
   if (!b)
     return;
+  b->tel_mask = 0; /* tearing down is not news */
   arq_client_t *c, *ctmp;
   HASH_ITER(hh, b->clients, c, ctmp) {
     HASH_DEL(b->clients, c);
-    client_unref(c);
+    arq_bus_client_unref(c);
   }
   arq_channel_t *ch, *tmp;
   HASH_ITER(hh, b->channels, ch, tmp) arq_router_remove(b, ch);
@@ -185,6 +222,91 @@ static json_t *server_envelope(arq_bus_t *b, arq_msg_type_t type, const char *ro
   return obj;
 }
 
+/* ---- telemetry ---------------------------------------------------------- */
+
+void arq_bus_set_telemetry_mask(arq_bus_t *b, uint32_t mask) { b->tel_mask = mask; }
+
+json_t *arq_bus_tel_envelope(arq_bus_t *b, const char *event_type, json_t *payload) {
+  char id[40], ts[32];
+  arq_bus_new_id(b, id);
+  arq_time_iso8601(arq_time_wall_ms(), ts, sizeof ts);
+  arq_env_out_t o = {.type = ARQ_MSG_TELEMETRY, .id = id, .event_type = event_type, .payload = payload,
+                     .timestamp = ts};
+  json_t *obj = arq_env_build(&o);
+  json_decref(payload);
+  return obj;
+}
+
+void arq_bus_tel(arq_bus_t *b, arq_tel_event_t ev, json_t *payload) {
+  if (!arq_bus_tel_wanted(b, ev)) {
+    json_decref(payload);
+    return;
+  }
+  json_t *env = arq_bus_tel_envelope(b, arq_tel_name(ev), payload);
+  b->io.telemetry(b->io.ud, ev, env);
+  json_decref(env);
+}
+
+void arq_bus_tel_channel(arq_bus_t *b, arq_tel_event_t ev, const arq_channel_t *ch) {
+  if (arq_bus_tel_wanted(b, ev))
+    arq_bus_tel(b, ev, json_pack("{s:s, s:s, s:b}", "room", ch->room->name, "channel", ch->name, "bootstrap",
+                                 ch->bootstrap));
+}
+
+void arq_bus_tel_member(arq_bus_t *b, arq_tel_event_t ev, const arq_client_t *c, const arq_channel_t *ch) {
+  if (arq_bus_tel_wanted(b, ev))
+    arq_bus_tel(b, ev, json_pack("{s:s, s:s, s:s, s:s, s:I}", "client_id", c->id, "client_type",
+                                 arq_client_type_name(c->type), "room", ch->room->name, "channel", ch->name,
+                                 "members", (json_int_t)ch->nmembers));
+}
+
+static bool is_agent(const arq_client_t *c) { return c->type == ARQ_CLIENT_AI_AGENT || c->type == ARQ_CLIENT_SERVICE; }
+
+static void deliver_to_channel(arq_bus_t *b, arq_channel_t *ch, const arq_client_t *skip, arq_rcbuf_t *f,
+                               arq_msg_type_t type);
+
+void arq_bus_agent_activity(arq_bus_t *b, const arq_client_t *c, const char *activity, json_t *fields) {
+  if (!is_agent(c) || b->quiet || (!b->dash_room[0] && !arq_bus_tel_wanted(b, ARQ_TEL_AGENT_ACTIVITY))) {
+    json_decref(fields);
+    return;
+  }
+  json_t *payload = json_pack("{s:s, s:s, s:s}", "activity", activity, "client_id", c->id, "client_type",
+                              arq_client_type_name(c->type));
+  if (c->screen_name)
+    json_object_set_new(payload, "screen_name", json_string(c->screen_name));
+  if (fields) {
+    json_object_update(payload, fields);
+    json_decref(fields);
+  }
+  json_t *env = arq_bus_tel_envelope(b, "agent_activity", payload);
+  if (b->dash_room[0]) {
+    json_object_set_new(env, "room", json_string(b->dash_room));
+    json_object_set_new(env, "channel", json_string(b->dash_channel));
+  }
+  /* Keep the protocol's field order: room and channel after eventType. */
+  json_t *ordered = json_object();
+  const char *order[] = {"version", "id", "type", "eventType", "room", "channel", "payload", "timestamp"};
+  for (size_t i = 0; i < sizeof order / sizeof order[0]; i++)
+    json_object_set(ordered, order[i], json_object_get(env, order[i]));
+  if (arq_bus_tel_wanted(b, ARQ_TEL_AGENT_ACTIVITY))
+    b->io.telemetry(b->io.ud, ARQ_TEL_AGENT_ACTIVITY, ordered);
+  json_decref(env);
+  if (!b->dash_room[0]) {
+    json_decref(ordered);
+    return;
+  }
+  bool created;
+  arq_channel_t *ch = arq_router_ensure(b, b->dash_room, b->dash_channel, &created);
+  size_t off, len;
+  arq_rcbuf_t *f = arq_env_frame(ordered, &b->scratch, &off, &len);
+  b->history->ops->append(b->history, ch->room->name, ch->name, json_string_value(json_object_get(ordered, "id")),
+                          f, off, len);
+  json_decref(ordered);
+  ch->messages++;
+  deliver_to_channel(b, ch, NULL, f, ARQ_MSG_TELEMETRY);
+  arq_rcbuf_unref(f);
+}
+
 void arq_bus_notify(arq_bus_t *b, arq_channel_t *ch, const arq_client_t *skip, const char *event, json_t *fields) {
   json_t *payload = json_object();
   json_object_set_new(payload, "event", json_string(event));
@@ -223,7 +345,12 @@ void arq_bus_notify_room(arq_bus_t *b, arq_room_t *r, arq_channel_t *about, cons
 }
 
 void arq_bus_reply(arq_bus_t *b, arq_client_t *c, const arq_env_t *req, const char *command, json_t *payload) {
-  json_t *obj = server_envelope(b, ARQ_MSG_SYSTEM, NULL, NULL, command, payload, req->id);
+  arq_bus_reply_to(b, c, req->id, command, payload);
+}
+
+void arq_bus_reply_to(arq_bus_t *b, arq_client_t *c, const char *correlation_id, const char *command,
+                      json_t *payload) {
+  json_t *obj = server_envelope(b, ARQ_MSG_SYSTEM, NULL, NULL, command, payload, correlation_id);
   arq_bus_send_to(b, c, obj, ARQ_MSG_SYSTEM);
 }
 
@@ -241,6 +368,16 @@ void arq_bus_error(arq_bus_t *b, arq_client_t *c, const char *correlation_id, co
     json_decref(details);
   }
   b->st.errors[code]++;
+  if (b->cmd_error == -1)
+    b->cmd_error = (int)code;
+  if (arq_bus_tel_wanted(b, ARQ_TEL_ERROR)) {
+    json_t *t = json_pack("{s:s, s:s, s:s}", "client_id", c->id, "code", arq_code_name(code), "message", msg);
+    if (correlation_id && correlation_id[0])
+      json_object_set_new(t, "correlation_id", json_string(correlation_id));
+    if (command)
+      json_object_set_new(t, "command", json_string(command));
+    arq_bus_tel(b, ARQ_TEL_ERROR, t);
+  }
   json_t *obj = server_envelope(b, ARQ_MSG_ERROR, NULL, NULL, command, payload, correlation_id);
   arq_bus_send_to(b, c, obj, ARQ_MSG_ERROR);
 }
@@ -360,6 +497,14 @@ arq_client_t *arq_bus_connect(arq_bus_t *b, void *conn, const arq_client_params_
   }
   HASH_ADD_STR(b->clients, id, c);
   b->nclients++;
+  if (arq_bus_tel_wanted(b, ARQ_TEL_CLIENT_CONNECTED)) {
+    json_t *t = arq_bus_client_json(c, false);
+    json_object_set_new(t, "remote", json_string(c->remote));
+    if (p->room[0])
+      json_object_set_new(t, "initial_channel", json_sprintf("%s:%s", p->room, p->channel));
+    arq_bus_tel(b, ARQ_TEL_CLIENT_CONNECTED, t);
+  }
+  arq_bus_agent_activity(b, c, "connected", NULL);
   if (p->room[0]) {
     snprintf(c->init_room, sizeof c->init_room, "%s", p->room);
     snprintf(c->init_channel, sizeof c->init_channel, "%s", p->channel);
@@ -378,6 +523,12 @@ arq_client_t *arq_bus_connect(arq_bus_t *b, void *conn, const arq_client_params_
 void arq_bus_quiesce(arq_bus_t *b) { b->quiet = true; }
 
 static void remove_client(arq_bus_t *b, arq_client_t *c) {
+  if (arq_bus_tel_wanted(b, ARQ_TEL_CLIENT_DISCONNECTED)) {
+    json_t *t = arq_bus_client_json(c, true);
+    json_object_set_new(t, "remote", json_string(c->remote));
+    arq_bus_tel(b, ARQ_TEL_CLIENT_DISCONNECTED, t);
+  }
+  arq_bus_agent_activity(b, c, "disconnected", NULL);
   while (c->nsubs > 0) {
     arq_channel_t *ch = c->subs[c->nsubs - 1]->channel;
     bool last = b->quiet || (ch->nmembers == 1 && !ch->bootstrap && b->o.channel_ttl_ms == 0);
@@ -391,7 +542,7 @@ static void remove_client(arq_bus_t *b, arq_client_t *c) {
       json_decref(fields);
     }
   }
-  client_unref(c);
+  arq_bus_client_unref(c);
 }
 
 void arq_bus_disconnect(arq_bus_t *b, arq_client_t *c) {
@@ -410,6 +561,7 @@ void arq_bus_disconnect(arq_bus_t *b, arq_client_t *c) {
 /* ---- receiving and routing ---------------------------------------------- */
 
 static void malformed(arq_bus_t *b, arq_client_t *c, const arq_env_error_t *err) {
+  b->st.received_invalid++;
   arq_bus_error(b, c, err->correlation_id, NULL, err->code, NULL, "%s", err->message);
   if (b->o.max_malformed && ++c->malformed >= b->o.max_malformed && !c->gone) {
     b->st.malformed_closes++;
@@ -431,12 +583,21 @@ static json_t *outgoing(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, char 
     arq_time_iso8601(arq_time_wall_ms(), ts, sizeof ts);
   json_t *extra = arq_env_extra(e);
   arq_env_out_t o = {.type = e->type, .minor = e->minor, .version = e->minor ? e->version : NULL, .id = id, .room = e->room, .channel = e->channel,
-                     .from = c->id, .to = e->to, .payload = e->payload, .metadata = e->metadata,
+                     .from = c->id, .to = e->to, .event_type = e->event_type, .payload = e->payload, .metadata = e->metadata,
                      .timestamp = e->timestamp ? e->timestamp : ts, .correlation_id = e->correlation_id,
                      .extra = extra};
   json_t *obj = arq_env_build(&o);
   json_decref(extra);
   return obj;
+}
+
+static void deliver_to_channel(arq_bus_t *b, arq_channel_t *ch, const arq_client_t *skip, arq_rcbuf_t *f,
+                               arq_msg_type_t type) {
+  for (size_t i = 0; i < ch->nmembers; i++) {
+    arq_client_t *m = ch->members[i]->client;
+    if (m != skip)
+      deliver(b, m, f, type);
+  }
 }
 
 static void route_event(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
@@ -453,11 +614,7 @@ static void route_event(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
     arq_channel_t *ch = arq_router_ensure(b, e->room, e->channel, &created);
     ch->messages++;
     b->history->ops->append(b->history, e->room, e->channel, id, f, off, len);
-    for (size_t i = 0; i < ch->nmembers; i++) {
-      arq_client_t *m = ch->members[i]->client;
-      if (m != c || c->echo)
-        deliver(b, m, f, ARQ_MSG_EVENT);
-    }
+    deliver_to_channel(b, ch, c->echo ? NULL : c, f, e->type);
   } else {
     arq_room_t *r = arq_router_find_room(b, e->room);
     arq_list_t *n, *tmp;
@@ -474,6 +631,29 @@ static void route_event(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
       }
     }
   }
+  arq_rcbuf_unref(f);
+}
+
+/* Client telemetry goes to the telemetry channel (whatever room or channel
+ * it names) and to the telemetry stream. */
+static void route_telemetry(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
+  strcpy(e->room, b->tel_room);
+  strcpy(e->channel, b->tel_channel);
+  char id[130];
+  json_t *obj = outgoing(b, c, e, id);
+  if (arq_bus_tel_wanted(b, ARQ_TEL_CLIENT_TELEMETRY))
+    b->io.telemetry(b->io.ud, ARQ_TEL_CLIENT_TELEMETRY, obj);
+  if (!b->tel_room[0]) {
+    json_decref(obj);
+    return;
+  }
+  size_t off, len;
+  arq_rcbuf_t *f = encode(b, obj, &off, &len);
+  bool created;
+  arq_channel_t *ch = arq_router_ensure(b, e->room, e->channel, &created);
+  ch->messages++;
+  b->history->ops->append(b->history, e->room, e->channel, id, f, off, len);
+  deliver_to_channel(b, ch, c->echo ? NULL : c, f, ARQ_MSG_TELEMETRY);
   arq_rcbuf_unref(f);
 }
 
@@ -507,6 +687,11 @@ static void route_private(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
 }
 
 void arq_bus_receive(arq_bus_t *b, arq_client_t *c, const char *data, size_t len, bool binary) {
+  arq_bus_receive_at(b, c, data, len, binary, arq_time_mono_ns());
+}
+
+void arq_bus_receive_at(arq_bus_t *b, arq_client_t *c, const char *data, size_t len, bool binary,
+                        uint64_t arrival_ns) {
   if (c->gone)
     return;
   enter(b);
@@ -560,13 +745,20 @@ void arq_bus_receive(arq_bus_t *b, arq_client_t *c, const char *data, size_t len
     arq_commands_run(b, c, &e);
     break;
   case ARQ_MSG_TELEMETRY:
-    arq_bus_error(b, c, e.id, NULL, ARQ_CODE_FORBIDDEN, NULL,
-                  "telemetry envelopes from clients are not accepted by this server yet");
+    route_telemetry(b, c, &e);
     break;
   default:
     arq_bus_error(b, c, e.id, NULL, ARQ_CODE_FORBIDDEN, NULL, "clients may not send %s envelopes",
                   arq_msg_type_name(e.type));
     break;
+  }
+  if (e.type == ARQ_MSG_EVENT || e.type == ARQ_MSG_PRIVATE || e.type == ARQ_MSG_TELEMETRY) {
+    uint64_t now = arq_time_mono_ns();
+    arq_hist_observe(&b->st.routing, now > arrival_ns ? now - arrival_ns : 0);
+    if (is_agent(c) && !c->gone)
+      arq_bus_agent_activity(b, c, "message_sent",
+                             json_pack("{s:s, s:s*, s:s*}", "message_type", arq_msg_type_name(e.type), "room",
+                                       e.room[0] ? e.room : NULL, "channel", e.channel[0] ? e.channel : NULL));
   }
   arq_env_free(&e);
 out:
@@ -590,29 +782,134 @@ void arq_bus_stats(const arq_bus_t *b, arq_bus_stats_t *s) {
   s->history_messages = b->history->ops->total(b->history);
 }
 
-json_t *arq_bus_status(const arq_bus_t *b) {
+static int by_channel_key(const void *x, const void *y) {
+  return strcmp((*(arq_channel_t *const *)x)->key, (*(arq_channel_t *const *)y)->key);
+}
+
+/* Rooms, each with its channels and their participant counts, sorted. */
+static json_t *room_details(const arq_bus_t *b) {
+  size_t n = HASH_COUNT(b->channels), k = 0;
+  arq_channel_t **all = arq_calloc(n ? n : 1, sizeof *all);
+  arq_channel_t *ch, *tmp;
+  HASH_ITER(hh, b->channels, ch, tmp) all[k++] = ch;
+  qsort(all, k, sizeof *all, by_channel_key);
+  json_t *rooms = json_array(), *room = NULL, *channels = NULL;
+  const arq_room_t *cur = NULL;
+  for (size_t i = 0; i < k; i++) {
+    if (all[i]->room != cur) {
+      cur = all[i]->room;
+      channels = json_array();
+      room = json_pack("{s:s, s:o}", "room", cur->name, "channels", channels);
+      json_array_append_new(rooms, room);
+    }
+    json_array_append_new(channels, json_pack("{s:s, s:I, s:b, s:I, s:I}", "channel", all[i]->name, "members",
+                                              (json_int_t)all[i]->nmembers, "bootstrap", all[i]->bootstrap,
+                                              "messages", (json_int_t)all[i]->messages, "history",
+                                              (json_int_t)b->history->ops->count(b->history, cur->name,
+                                                                                  all[i]->name)));
+  }
+  arq_free(all);
+  return rooms;
+}
+
+json_t *arq_bus_status(const arq_bus_t *b) { return arq_bus_status_page(b, 0, ARQ_STATUS_DEFAULT_LIMIT); }
+
+json_t *arq_bus_status_page(const arq_bus_t *b, size_t offset, size_t limit) {
   char started[32];
   arq_time_iso8601(b->started_at, started, sizeof started);
   arq_bus_stats_t s;
   arq_bus_stats(b, &s);
-  uint64_t received = 0, delivered = 0;
+  uint64_t received = s.received_invalid, delivered = 0;
   for (int i = 0; i < ARQ_MSG_NTYPES; i++) {
     received += s.received[i];
     delivered += s.delivered[i];
   }
+  if (limit > ARQ_STATUS_MAX_LIMIT)
+    limit = ARQ_STATUS_MAX_LIMIT;
   json_t *by_type = json_object();
   for (int t = 0; t < ARQ_CLIENT_NTYPES; t++)
     json_object_set_new(by_type, arq_client_type_name((arq_client_type_t)t), json_integer(0));
+  json_t *items = json_array();
+  size_t i = 0;
   const arq_client_t *c, *tmp;
-  HASH_ITER(hh, b->clients, c, tmp) {
+  HASH_ITER(hh, b->clients, c, tmp) { /* connection order: uthash keeps insertion order */
     const char *tn = arq_client_type_name(c->type);
     json_object_set_new(by_type, tn, json_integer(json_integer_value(json_object_get(by_type, tn)) + 1));
+    if (i >= offset && i - offset < limit)
+      json_array_append_new(items, arq_bus_client_json(c, true));
+    i++;
   }
-  return json_pack("{s:{s:s, s:s, s:s, s:I}, s:{s:I, s:o}, s:I, s:I, s:{s:I, s:I}, s:{s:s, s:I, s:I}}", "server",
-                   "name", "arqonbus", "version", b->o.server_version, "started_at", started, "uptime_seconds",
-                   (json_int_t)((arq_time_wall_ms() - b->started_at) / 1000), "clients", "total",
-                   (json_int_t)s.clients, "by_type", by_type, "rooms", (json_int_t)s.rooms, "channels",
-                   (json_int_t)s.channels, "messages", "received", (json_int_t)received, "delivered",
-                   (json_int_t)delivered, "history", "backend", "memory", "messages",
-                   (json_int_t)s.history_messages, "capacity_per_channel", (json_int_t)b->o.history_size);
+  json_t *server = json_pack("{s:s, s:s, s:s, s:s, s:I}", "name", "arqonbus", "version", b->o.server_version,
+                             "protocol_version", "1.0", "started_at", started, "uptime_seconds",
+                             (json_int_t)((arq_time_wall_ms() - b->started_at) / 1000));
+  if (b->io.describe)
+    b->io.describe(b->io.ud, server);
+  return json_pack("{s:o, s:{s:I, s:o, s:I, s:I, s:o}, s:I, s:I, s:o, s:{s:I, s:I}, s:{s:s, s:I, s:I}}", "server",
+                   server, "clients", "total", (json_int_t)s.clients, "by_type", by_type, "offset",
+                   (json_int_t)offset, "limit", (json_int_t)limit, "items", items, "rooms", (json_int_t)s.rooms,
+                   "channels", (json_int_t)s.channels, "room_details", room_details(b), "messages", "received",
+                   (json_int_t)received, "delivered", (json_int_t)delivered, "history", "backend", "memory",
+                   "messages", (json_int_t)s.history_messages, "capacity_per_channel", (json_int_t)b->o.history_size);
+}
+
+/* ---- history outside the bus -------------------------------------------- */
+
+/* Lives until the backend answers, which a networked backend does later. */
+typedef struct http_history {
+  void (*done)(void *ud, int status, json_t *body);
+  void *ud;
+  char room[ARQ_NAME_MAX + 1], channel[ARQ_NAME_MAX + 1];
+  char *since;
+  size_t limit;
+} http_history_t;
+
+static void http_history_done(void *ud, const arq_hist_result_t *res) {
+  http_history_t *h = ud;
+  json_t *body = res->status == 0
+                     ? arq_commands_history_result(h->room, h->channel, h->limit, h->since, res)
+                     : json_pack("{s:s, s:s}", "error", "internal_error", "message", "history is unavailable");
+  h->done(h->ud, res->status == 0 ? 200 : 503, body);
+  json_decref(body);
+  arq_free(h->since);
+  arq_free(h);
+}
+
+void arq_bus_history(arq_bus_t *b, const char *room, const char *channel, long long limit, const char *since,
+                     void (*done)(void *ud, int status, json_t *body), void *ud) {
+  char r[ARQ_NAME_MAX + 1] = "", c[ARQ_NAME_MAX + 1] = "";
+  const char *problem = NULL;
+  if (channel && strchr(channel, ':')) {
+    if (arq_names_split(channel, r, c) != 0 || !c[0] || (room && room[0] && strcmp(room, r) != 0))
+      problem = "channel must be a valid room:channel (and agree with room)";
+  } else if (!room || !channel || !arq_names_valid_channel(room, strlen(room)) ||
+             !arq_names_valid_channel(channel, strlen(channel))) {
+    problem = "room and channel are required valid names (or channel=room:channel)";
+  } else {
+    snprintf(r, sizeof r, "%s", room);
+    snprintf(c, sizeof c, "%s", channel);
+  }
+  if (!problem && limit < 0)
+    problem = "limit must be a positive integer";
+  if (!problem && since && !arq_env_valid_id(since))
+    problem = "since must be a message id (arq_...)";
+  if (problem) {
+    json_t *body = json_pack("{s:s, s:s}", "error", "invalid_argument", "message", problem);
+    done(ud, 400, body);
+    json_decref(body);
+    return;
+  }
+  size_t lim = limit == 0 ? b->o.history_default_limit : (size_t)limit;
+  if (lim > b->o.history_max_limit)
+    lim = b->o.history_max_limit;
+  if (lim > b->o.history_size)
+    lim = b->o.history_size ? b->o.history_size : 1;
+  http_history_t *h = arq_calloc(1, sizeof *h);
+  h->done = done;
+  h->ud = ud;
+  memcpy(h->room, r, sizeof r);
+  memcpy(h->channel, c, sizeof c);
+  h->since = since ? arq_strdup(since) : NULL;
+  h->limit = lim;
+  arq_hist_query_t q = {.room = h->room, .channel = h->channel, .limit = lim, .since = h->since};
+  b->history->ops->query(b->history, &q, http_history_done, h);
 }

@@ -21,16 +21,48 @@
 
 #include "bus/envelope.h"
 #include "bus/history.h"
+#include "util/hist.h"
 #include "util/rcbuf.h"
 
 typedef struct arq_bus arq_bus_t;
 typedef struct arq_client arq_client_t;
+
+/* What the telemetry stream reports ("eventType" of its envelopes). The bus
+ * reports most of them; the network shell reports protocol violations,
+ * slow consumers and the periodic stats. */
+typedef enum {
+  ARQ_TEL_CLIENT_CONNECTED = 0,
+  ARQ_TEL_CLIENT_DISCONNECTED,
+  ARQ_TEL_CHANNEL_CREATED,
+  ARQ_TEL_CHANNEL_DELETED,
+  ARQ_TEL_CLIENT_JOINED,
+  ARQ_TEL_CLIENT_LEFT,
+  ARQ_TEL_COMMAND_EXECUTED,
+  ARQ_TEL_ERROR,
+  ARQ_TEL_PROTOCOL_VIOLATION,
+  ARQ_TEL_SLOW_CONSUMER,
+  ARQ_TEL_STATS,
+  ARQ_TEL_CLIENT_TELEMETRY, /* telemetry envelopes sent by bus clients, whatever their eventType */
+  ARQ_TEL_AGENT_ACTIVITY,
+  ARQ_TEL_NEVENTS
+} arq_tel_event_t;
+
+/* Returns the wire name of 'ev' ("client_connected", ...). */
+const char *arq_tel_name(arq_tel_event_t ev);
+/* Returns the event named by the 'n' bytes at 's', or -1. */
+int arq_tel_parse(const char *s, size_t n);
 
 /* How the bus reaches connections. 'conn' is the shell's handle. */
 typedef struct arq_bus_io {
   /* Queues 'frame' (borrowed; take a reference to keep it). Returns false
    * when the connection did not take it (closing, or just closed as slow). */
   bool (*send)(void *ud, void *conn, arq_rcbuf_t *frame);
+  /* Reports the telemetry envelope 'env' (borrowed) of kind 'ev'; called only
+   * for kinds in the mask set with arq_bus_set_telemetry_mask(). May be NULL. */
+  void (*telemetry)(void *ud, arq_tel_event_t ev, json_t *env);
+  /* Adds the shell's own figures (connections, bytes) to the "server" object
+   * of a status report. May be NULL. */
+  void (*describe)(void *ud, json_t *server);
   /* Starts closing 'conn' with WebSocket close 'code' and 'why'. The bus has
    * already disconnected the client on 'conn': the shell must forget it and
    * never pass it to the bus again. */
@@ -50,6 +82,8 @@ typedef struct arq_bus_opts {
   uint64_t channel_ttl_ms;         /* how long an empty channel lives; 0: removed at once */
   const char *const *bootstrap;    /* "room:channel" names that always exist; NULL-terminated */
   const char *const *admins;       /* client ids allowed privileged commands; NULL or empty: all */
+  const char *telemetry_channel;   /* "room:channel" where client telemetry goes */
+  const char *dashboard_channel;   /* "room:channel" of agent_activity events */
   uint64_t seed;                   /* makes generated ids unique to this process */
 } arq_bus_opts_t;
 
@@ -96,6 +130,25 @@ void arq_bus_disconnect(arq_bus_t *b, arq_client_t *c);
 /* Handles one complete message from 'c' ('len' bytes at 'data'; 'binary' for
  * a binary frame). */
 void arq_bus_receive(arq_bus_t *b, arq_client_t *c, const char *data, size_t len, bool binary);
+/* The same, with the time its first byte arrived ('arrival_ns', monotonic,
+ * util/time.h), for the routing latency histogram. */
+void arq_bus_receive_at(arq_bus_t *b, arq_client_t *c, const char *data, size_t len, bool binary,
+                        uint64_t arrival_ns);
+
+/* Sets which telemetry kinds (bit 1 << ev) anyone listens to; the bus skips
+ * building the others. */
+void arq_bus_set_telemetry_mask(arq_bus_t *b, uint32_t mask);
+/* Returns a new telemetry envelope (caller owns) with 'event_type' and
+ * 'payload' (stolen), an id and a timestamp. */
+json_t *arq_bus_tel_envelope(arq_bus_t *b, const char *event_type, json_t *payload);
+
+/* Answers a history request made outside the bus (GET /history): 'room',
+ * 'channel' (or "room:channel" in 'channel'), 'limit' (0: the default) and
+ * 'since' (NULL: none). Calls 'done' exactly once with an HTTP status and a
+ * JSON body (borrowed): 200 and the same object the history command returns,
+ * or 400 and {"error": code, "message": ...}. */
+void arq_bus_history(arq_bus_t *b, const char *room, const char *channel, long long limit, const char *since,
+                     void (*done)(void *ud, int status, json_t *body), void *ud);
 
 /* Tells the bus that every client is about to go (a shutdown): departures
  * are no longer announced to the channels, which would only queue a flood of
@@ -116,16 +169,26 @@ typedef struct arq_bus_stats {
   uint64_t channels;
   uint64_t received[ARQ_MSG_NTYPES];  /* valid envelopes from clients, by type */
   uint64_t delivered[ARQ_MSG_NTYPES]; /* envelopes queued to clients, by type */
+  uint64_t received_invalid;          /* messages that were not valid envelopes */
   uint64_t errors[ARQ_CODE_NCODES];   /* error envelopes sent, by code */
   uint64_t malformed_closes;
   uint64_t history_messages;
+  arq_hist_t routing;                 /* arrival to the last recipient's queue */
+  arq_hist_t commands[16];            /* duration, by command (arq_bus_command_name) */
 } arq_bus_stats_t;
+
+/* Returns the name of command 'i', or NULL past the last one. */
+const char *arq_bus_command_name(size_t i);
 
 /* Fills 's' with the bus's current figures. */
 void arq_bus_stats(const arq_bus_t *b, arq_bus_stats_t *s);
 
 /* Returns the bus state as the status command and /status show it (caller
- * owns). */
+ * owns), with the first 100 clients. */
 json_t *arq_bus_status(const arq_bus_t *b);
+/* The same with clients 'offset' to 'offset' + 'limit' (in connection order). */
+json_t *arq_bus_status_page(const arq_bus_t *b, size_t offset, size_t limit);
+#define ARQ_STATUS_DEFAULT_LIMIT 100
+#define ARQ_STATUS_MAX_LIMIT 1000
 
 #endif

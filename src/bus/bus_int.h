@@ -73,6 +73,10 @@ struct arq_bus {
   size_t nclients;
   unsigned depth;        /* nesting of entry points */
   bool quiet;            /* shutting down: departures are not announced */
+  uint32_t tel_mask;     /* telemetry kinds someone listens to */
+  int cmd_error;         /* while a command runs: the code of its error, or -1 */
+  char tel_room[ARQ_NAME_MAX + 1], tel_channel[ARQ_NAME_MAX + 1];
+  char dash_room[ARQ_NAME_MAX + 1], dash_channel[ARQ_NAME_MAX + 1];
   arq_list_t dead;       /* clients disconnected while depth > 0 */
   uint64_t round;        /* routing rounds, for arq_client.mark */
   uint64_t ids;          /* generated ids so far */
@@ -116,6 +120,13 @@ void arq_bus_notify_room(arq_bus_t *b, arq_room_t *r, arq_channel_t *about, cons
 /* Sends the reply to a command: a system envelope with 'command' and the
  * request's id as correlation_id; steals 'payload'. */
 void arq_bus_reply(arq_bus_t *b, arq_client_t *c, const arq_env_t *req, const char *command, json_t *payload);
+/* The same, naming the request by its id 'correlation_id'. */
+void arq_bus_reply_to(arq_bus_t *b, arq_client_t *c, const char *correlation_id, const char *command,
+                      json_t *payload);
+/* Keeps 'c' alive across asynchronous work (a gone client is then only
+ * marked gone); arq_bus_client_unref releases it. */
+void arq_bus_client_ref(arq_client_t *c);
+void arq_bus_client_unref(arq_client_t *c);
 /* Sends an error envelope to 'c' for the request 'correlation_id' (may be
  * NULL or ""), about 'command' (may be NULL); 'details' (stolen, may be NULL)
  * is merged into the payload. */
@@ -130,7 +141,25 @@ json_t *arq_bus_client_json(const arq_client_t *c, bool with_subs);
 bool arq_bus_is_admin(const arq_bus_t *b, const arq_client_t *c);
 const char *arq_client_type_name(arq_client_type_t t);
 
+/* True when someone listens to telemetry of kind 'ev'. */
+static inline bool arq_bus_tel_wanted(const arq_bus_t *b, arq_tel_event_t ev) {
+  return b->io.telemetry && (b->tel_mask & (1u << ev));
+}
+/* Reports telemetry 'ev' with 'payload' (stolen) if anyone listens. */
+void arq_bus_tel(arq_bus_t *b, arq_tel_event_t ev, json_t *payload);
+/* Reports a change of channel 'ch' ('ev': created, deleted). */
+void arq_bus_tel_channel(arq_bus_t *b, arq_tel_event_t ev, const arq_channel_t *ch);
+/* Reports that 'c' joined or left 'ch' ('ev'). */
+void arq_bus_tel_member(arq_bus_t *b, arq_tel_event_t ev, const arq_client_t *c, const arq_channel_t *ch);
+/* Publishes agent_activity 'activity' of 'c' (only ai-agent and service
+ * clients) with 'fields' (stolen, may be NULL). */
+void arq_bus_agent_activity(arq_bus_t *b, const arq_client_t *c, const char *activity, json_t *fields);
+
 /* ---- commands.c --------------------------------------------------------- */
+
+/* Builds the reply payload of a history query (caller owns). */
+json_t *arq_commands_history_result(const char *room, const char *channel, size_t limit, const char *since,
+                                    const arq_hist_result_t *res);
 
 /* Runs the command envelope 'e' from 'c' and replies. */
 void arq_commands_run(arq_bus_t *b, arq_client_t *c, const arq_env_t *e);

@@ -101,7 +101,21 @@ static json_t *channel_summary(arq_bus_t *b, const arq_channel_t *ch) {
 /* ---- handlers ----------------------------------------------------------- */
 
 static void cmd_status(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
-  json_t *s = arq_bus_status(b);
+  json_int_t offset = 0, limit = ARQ_STATUS_DEFAULT_LIMIT;
+  json_t *o = e->payload ? json_object_get(e->payload, "offset") : NULL;
+  json_t *l = e->payload ? json_object_get(e->payload, "limit") : NULL;
+  if ((o && (!json_is_integer(o) || json_integer_value(o) < 0)) ||
+      (l && (!json_is_integer(l) || json_integer_value(l) < 1))) {
+    arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_INVALID_ARGUMENT, NULL,
+                  "\"offset\" must be an integer >= 0 and \"limit\" an integer >= 1 (at most %d)",
+                  ARQ_STATUS_MAX_LIMIT);
+    return;
+  }
+  if (o)
+    offset = json_integer_value(o);
+  if (l)
+    limit = json_integer_value(l);
+  json_t *s = arq_bus_status_page(b, (size_t)offset, (size_t)limit);
   json_object_set_new(s, "you", arq_bus_client_json(c, true));
   arq_bus_reply(b, c, e, cmd->name, s);
 }
@@ -236,43 +250,51 @@ static void cmd_info(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cm
   arq_bus_reply(b, c, e, cmd->name, r);
 }
 
+/* A history request in flight. A networked backend answers after the
+ * request's envelope is gone, so what the reply needs is copied here and the
+ * client is kept alive by a reference (it may have left meanwhile). */
 typedef struct history_call {
   arq_bus_t *b;
   arq_client_t *c;
-  const arq_env_t *e;
-  const cmd_t *cmd;
+  char id[ARQ_ENV_MAX_ID + 1];
+  char since[ARQ_ENV_MAX_ID + 1];
+  const char *name;
   target_t t;
   size_t limit;
 } history_call_t;
 
-static void history_done(void *ud, const arq_hist_result_t *res) {
-  history_call_t *h = ud;
-  if (res->status != 0) {
-    arq_bus_error(h->b, h->c, h->e->id, h->cmd->name, ARQ_CODE_INTERNAL, NULL, "history is unavailable");
-    return;
-  }
+json_t *arq_commands_history_result(const char *room, const char *channel, size_t limit, const char *since,
+                                    const arq_hist_result_t *res) {
   json_t *msgs = json_array();
   for (size_t i = 0; i < res->count; i++) {
     const arq_hist_item_t *it = res->items[i];
-    json_t *m = json_loadb((const char *)it->frame->data + it->off, it->len, 0, NULL);
+    json_t *m = json_loadb((const char *)it->frame->data + it->off, it->len, JSON_ALLOW_NUL, NULL);
     if (m)
       json_array_append_new(msgs, m);
   }
-  json_t *r = where(&h->t);
-  json_object_set_new(r, "messages", msgs);
-  json_object_set_new(r, "count", json_integer((json_int_t)res->count));
-  json_object_set_new(r, "limit", json_integer((json_int_t)h->limit));
-  json_object_set_new(r, "more", json_boolean(res->more));
-  const char *since = h->e->payload ? json_string_value(json_object_get(h->e->payload, "since")) : NULL;
+  json_t *r = json_pack("{s:s, s:s, s:o, s:I, s:I, s:b}", "room", room, "channel", channel, "messages", msgs, "count",
+                        (json_int_t)res->count, "limit", (json_int_t)limit, "more", res->more);
   if (since) {
     json_object_set_new(r, "since", json_string(since));
     json_object_set_new(r, "gap", json_boolean(!res->since_found));
   }
-  arq_bus_reply(h->b, h->c, h->e, h->cmd->name, r);
+  return r;
+}
+
+static void history_done(void *ud, const arq_hist_result_t *res) {
+  history_call_t *h = ud;
+  if (!h->c->gone && res->status != 0)
+    arq_bus_error(h->b, h->c, h->id, h->name, ARQ_CODE_INTERNAL, NULL, "history is unavailable");
+  else if (!h->c->gone)
+    arq_bus_reply_to(h->b, h->c, h->id, h->name,
+                     arq_commands_history_result(h->t.room, h->t.channel, h->limit, h->since[0] ? h->since : NULL,
+                                                 res));
+  arq_bus_client_unref(h->c);
+  arq_free(h);
 }
 
 static void cmd_history(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
-  history_call_t h = {.b = b, .c = c, .e = e, .cmd = cmd, .limit = b->o.history_default_limit};
+  history_call_t h = {.b = b, .c = c, .name = cmd->name, .limit = b->o.history_default_limit};
   if (!target(b, c, e, cmd, &h.t, true))
     return;
   json_t *p = e->payload;
@@ -296,15 +318,21 @@ static void cmd_history(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const
     h.limit = b->o.history_max_limit;
   if (h.limit > b->o.history_size)
     h.limit = b->o.history_size ? b->o.history_size : 1;
-  arq_hist_query_t q = {.room = h.t.room, .channel = h.t.channel, .limit = h.limit,
-                        .since = since ? json_string_value(since) : NULL};
-  b->history->ops->query(b->history, &q, history_done, &h);
+  history_call_t *call = arq_malloc(sizeof *call);
+  *call = h;
+  snprintf(call->id, sizeof call->id, "%s", e->id ? e->id : "");
+  snprintf(call->since, sizeof call->since, "%s", since ? json_string_value(since) : "");
+  arq_bus_client_ref(c);
+  arq_hist_query_t q = {.room = call->t.room, .channel = call->t.channel, .limit = call->limit,
+                        .since = call->since[0] ? call->since : NULL};
+  b->history->ops->query(b->history, &q, history_done, call);
 }
 
 static void cmd_help(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd);
 
 static const cmd_t commands[] = {
-    {"status", cmd_status, false, "", "server figures, clients by type, rooms, channels, and your own connection"},
+    {"status", cmd_status, false, "[offset], [limit]",
+     "server figures, rooms and channels, clients (paged: offset, limit), and your own connection"},
     {"create_channel", cmd_create, true, "room, channel", "create a channel (privileged)"},
     {"delete_channel", cmd_delete, true, "room, channel",
      "delete a channel: its members are told and removed, its history dropped (privileged)"},
@@ -319,6 +347,8 @@ static const cmd_t commands[] = {
 };
 
 #define NCOMMANDS (sizeof commands / sizeof commands[0])
+_Static_assert(NCOMMANDS <= sizeof(((arq_bus_stats_t *)0)->commands) / sizeof(arq_hist_t),
+               "arq_bus_stats_t.commands is too small");
 
 static void cmd_help(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
   json_t *list = json_array();
@@ -329,16 +359,29 @@ static void cmd_help(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cm
   arq_bus_reply(b, c, e, cmd->name, json_pack("{s:o}", "commands", list));
 }
 
+const char *arq_bus_command_name(size_t i) { return i < NCOMMANDS ? commands[i].name : NULL; }
+
 void arq_commands_run(arq_bus_t *b, arq_client_t *c, const arq_env_t *e) {
   for (size_t i = 0; i < NCOMMANDS; i++) {
     const cmd_t *cmd = &commands[i];
     if (strcmp(cmd->name, e->command) != 0)
       continue;
-    if (cmd->privileged && !arq_bus_is_admin(b, c)) {
+    uint64_t t0 = arq_time_mono_ns();
+    b->cmd_error = -1;
+    if (cmd->privileged && !arq_bus_is_admin(b, c))
       arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_FORBIDDEN, NULL, "%s is a privileged command", cmd->name);
-      return;
-    }
-    cmd->run(b, c, e, cmd);
+    else
+      cmd->run(b, c, e, cmd);
+    uint64_t ns = arq_time_mono_ns() - t0;
+    arq_hist_observe(&b->st.commands[i], ns);
+    const char *result = b->cmd_error < 0 ? "ok" : arq_code_name((arq_code_t)b->cmd_error);
+    b->cmd_error = -1;
+    if (arq_bus_tel_wanted(b, ARQ_TEL_COMMAND_EXECUTED))
+      arq_bus_tel(b, ARQ_TEL_COMMAND_EXECUTED,
+                  json_pack("{s:s, s:s, s:f, s:s}", "command", cmd->name, "client_id", c->id, "duration_ms",
+                            (double)ns / 1e6, "result", result));
+    if (!c->gone)
+      arq_bus_agent_activity(b, c, "command_run", json_pack("{s:s, s:s}", "command", cmd->name, "result", result));
     return;
   }
   arq_bus_error(b, c, e->id, e->command, ARQ_CODE_UNKNOWN_COMMAND, NULL,

@@ -247,8 +247,9 @@ static int type_of(json_t *v, arq_msg_type_t *t, arq_env_error_t *err) {
 }
 
 static bool known_key(const char *k) {
-  static const char *const keys[] = {"version",  "id",      "type",     "room",      "channel",        "from", "to",
-                                     "command",  "payload", "metadata", "timestamp", "correlation_id", NULL};
+  static const char *const keys[] = {"version", "id",      "type",     "room",      "channel",        "from",
+                                     "to",      "command", "payload",  "metadata",  "timestamp",      "correlation_id",
+                                     "eventType", NULL};
   for (int i = 0; keys[i]; i++)
     if (strcmp(k, keys[i]) == 0)
       return true;
@@ -297,6 +298,12 @@ static int validate(arq_env_t *e, arq_env_error_t *err) {
     } else if (strcmp(key, "command") == 0) {
       if (string_field(v, key, ARQ_ENV_MAX_COMMAND, &e->command, err) != 0)
         return ARQ_EINVAL;
+    } else if (strcmp(key, "eventType") == 0) {
+      if (string_field(v, key, ARQ_ENV_MAX_EVENT_TYPE, &e->event_type, err) != 0)
+        return ARQ_EINVAL;
+      if (!arq_names_valid_channel(e->event_type, strlen(e->event_type)))
+        return fail(err, ARQ_CODE_INVALID_ENVELOPE,
+                    "\"eventType\" must be 1-64 of A-Z a-z 0-9 _ - ., starting with a letter or digit");
     } else if (strcmp(key, "payload") == 0) {
       if (!json_is_object(v))
         return fail(err, ARQ_CODE_INVALID_ENVELOPE, "\"payload\" must be an object");
@@ -330,6 +337,11 @@ static int validate(arq_env_t *e, arq_env_error_t *err) {
     return fail(err, ARQ_CODE_INVALID_ENVELOPE, "\"to\" belongs to private envelopes only");
   if (e->type == ARQ_MSG_PRIVATE && !e->to)
     return fail(err, ARQ_CODE_INVALID_ENVELOPE, "a private envelope needs \"to\", a list of client ids");
+  if (e->event_type && e->type != ARQ_MSG_TELEMETRY)
+    return fail(err, ARQ_CODE_INVALID_ENVELOPE, "\"eventType\" belongs to telemetry envelopes only");
+  if (e->type == ARQ_MSG_TELEMETRY && (!e->event_type || !e->payload))
+    return fail(err, ARQ_CODE_INVALID_ENVELOPE,
+                "a telemetry envelope needs \"eventType\" (a name) and \"payload\" (an object)");
   return 0;
 }
 
@@ -410,6 +422,7 @@ json_t *arq_env_build(const arq_env_out_t *o) {
   json_object_set_new_nocheck(obj, "version", json_string_nocheck(o->version ? o->version : version));
   set_str(obj, "id", o->id);
   json_object_set_new_nocheck(obj, "type", json_string_nocheck(arq_msg_type_name(o->type)));
+  set_str(obj, "eventType", o->event_type);
   set_str(obj, "room", o->room);
   set_str(obj, "channel", o->channel);
   set_str(obj, "from", o->from);

@@ -26,6 +26,7 @@
 #define ARQ_ENV_MAX_ID 128       /* id and correlation_id, bytes */
 #define ARQ_ENV_MAX_TO 100       /* recipients of one private message */
 #define ARQ_ENV_MAX_COMMAND 32   /* command name, bytes */
+#define ARQ_ENV_MAX_EVENT_TYPE 64 /* eventType of telemetry, bytes */
 
 typedef enum {
   ARQ_MSG_EVENT = 0,
@@ -72,6 +73,7 @@ typedef struct arq_env {
   const char *version;          /* as the sender wrote it; NULL when absent */
   const char *id;               /* NULL when absent */
   const char *command;          /* NULL when absent */
+  const char *event_type;       /* "eventType" of a telemetry envelope, NULL when absent */
   const char *correlation_id;   /* NULL when absent */
   const char *timestamp;        /* NULL when absent */
   json_t *to;                   /* array of client id strings, or NULL */
@@ -111,6 +113,7 @@ typedef struct arq_env_out {
   const char *from;
   json_t *to;
   const char *command;
+  const char *event_type;
   json_t *payload;
   json_t *metadata;
   const char *timestamp;

@@ -55,6 +55,7 @@ arq_channel_t *arq_router_ensure(arq_bus_t *b, const char *room, const char *cha
   arq_list_push_back(&r->channels, &ch->node_room);
   r->nchannels++;
   HASH_ADD_STR(b->channels, key, ch);
+  arq_bus_tel_channel(b, ARQ_TEL_CHANNEL_CREATED, ch);
   return ch;
 }
 
@@ -70,6 +71,7 @@ static void drop_sub(arq_sub_t *s) {
 }
 
 void arq_router_remove(arq_bus_t *b, arq_channel_t *ch) {
+  arq_bus_tel_channel(b, ARQ_TEL_CHANNEL_DELETED, ch);
   for (size_t i = 0; i < ch->nmembers; i++)
     drop_sub(ch->members[i]);
   arq_free(ch->members);
@@ -109,6 +111,7 @@ bool arq_router_join(arq_bus_t *b, arq_client_t *c, arq_channel_t *ch) {
     c->subs = arq_realloc(c->subs, c->subcap * sizeof *c->subs);
   }
   c->subs[c->nsubs++] = s;
+  arq_bus_tel_member(b, ARQ_TEL_CLIENT_JOINED, c, ch);
   return true;
 }
 
@@ -120,6 +123,7 @@ bool arq_router_leave(arq_bus_t *b, arq_client_t *c, arq_channel_t *ch) {
   ch->members[s->idx] = last;
   last->idx = s->idx;
   drop_sub(s);
+  arq_bus_tel_member(b, ARQ_TEL_CLIENT_LEFT, c, ch);
   if (ch->nmembers == 0 && !ch->bootstrap) {
     if (b->o.channel_ttl_ms == 0) {
       arq_router_remove(b, ch);

@@ -7,6 +7,9 @@
 
 /* Returns a monotonic clock reading in milliseconds. */
 uint64_t arq_time_mono_ms(void);
+/* Returns a monotonic clock reading in nanoseconds (CLOCK_MONOTONIC, the
+ * clock of libuv's uv_hrtime()). */
+uint64_t arq_time_mono_ns(void);
 /* Returns the wall clock in milliseconds since the Unix epoch. */
 uint64_t arq_time_wall_ms(void);
 /* Writes 'wall_ms' as ISO-8601 UTC with milliseconds ("2026-11-22T13:41:40.123Z")
