@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 
+#include "net/telemetry.h"
 #include "obs/log.h"
 #include "util/alloc.h"
 #include "util/err.h"
@@ -30,8 +31,11 @@ static void unlink_all_timers(arq_conn_t *c) {
   arq_list_remove(&c->node_write);
 }
 
-/* Takes the client off the bus: its channels are told it left. */
+/* Takes the client off the bus (its channels are told it left), or a
+ * monitoring client off the telemetry stream. */
 static void detach(arq_conn_t *c) {
+  if (c->kind == ARQ_PORT_TELEMETRY)
+    arq_telemetry_detach(c->srv, c);
   if (!c->client)
     return;
   arq_client_t *client = c->client;
@@ -192,6 +196,11 @@ static void slow_consumer(arq_conn_t *c) {
   /* What is not already being written is dropped so the close frame can
    * follow right behind the write in flight. */
   arq_outq_truncate(&c->outq, c->writing ? c->inflight : 0);
+  if (srv->tel_mask & (1u << ARQ_TEL_SLOW_CONSUMER))
+    arq_telemetry_report(srv, ARQ_TEL_SLOW_CONSUMER,
+                         json_pack("{s:s, s:s, s:s, s:I}", "client_id", c->client ? arq_client_id(c->client) : "",
+                                   "remote", c->remote, "port", port_names[c->kind], "queued_bytes",
+                                   (json_int_t)c->outq.bytes));
   arq_conn_close(c, ARQ_WS_CLOSE_POLICY, "slow_consumer", ARQ_CLOSE_SLOW_CONSUMER);
 }
 
@@ -199,7 +208,9 @@ bool arq_conn_send(arq_conn_t *c, arq_rcbuf_t *buf) {
   if (c->state != ARQ_CONN_OPEN)
     return false;
   const arq_config_t *cfg = c->srv->cfg;
-  if (c->outq.bytes > 0 && c->outq.bytes + buf->len > cfg->max_outbound_queue) {
+  /* Monitoring clients have their own bound (telemetry_queue): events are
+   * dropped for them instead (net/telemetry.c). */
+  if (c->kind != ARQ_PORT_TELEMETRY && c->outq.bytes > 0 && c->outq.bytes + buf->len > cfg->max_outbound_queue) {
     slow_consumer(c);
     return false;
   }
@@ -309,7 +320,9 @@ bool arq_conn_write_progressed(arq_conn_t *c, uint64_t now) {
 
 void arq_conn_write_stalled(arq_conn_t *c) {
   arq_list_remove(&c->node_write);
-  if (c->state == ARQ_CONN_OPEN)
+  /* A stalled monitoring client only misses events; the heartbeat ends it
+   * if it is gone for good. */
+  if (c->state == ARQ_CONN_OPEN && c->kind != ARQ_PORT_TELEMETRY)
     slow_consumer(c);
 }
 
@@ -325,6 +338,11 @@ static void protocol_error(arq_conn_t *c, uint16_t code, const char *why) {
   arq_metrics_protocol_error(&c->srv->metrics, code);
   arq_log(ARQ_LOG_WARN, "net", "protocol violation", ARQ_LI("conn", c->id), ARQ_LS("remote", c->remote),
           ARQ_LI("code", code), ARQ_LS("why", why));
+  if (c->srv->tel_mask & (1u << ARQ_TEL_PROTOCOL_VIOLATION))
+    arq_telemetry_report(c->srv, ARQ_TEL_PROTOCOL_VIOLATION,
+                         json_pack("{s:s, s:s, s:s, s:i, s:s}", "client_id", c->client ? arq_client_id(c->client) : "",
+                                   "remote", c->remote, "port", port_names[c->kind], "close_code", (int)code, "reason",
+                                   why));
   arq_conn_close(c, code, why, ARQ_CLOSE_PROTOCOL_ERROR);
 }
 
@@ -334,9 +352,9 @@ static void on_message(arq_conn_t *c, const arq_ws_msg_t *m) {
   case ARQ_WS_OP_BINARY:
     if (c->state != ARQ_CONN_OPEN)
       return; /* closing: data is no longer routed */
-    c->srv->metrics.messages_received++;
     if (c->kind == ARQ_PORT_BUS && c->client)
-      arq_bus_receive(c->srv->bus, c->client, (const char *)m->data, m->len, m->opcode == ARQ_WS_OP_BINARY);
+      arq_bus_receive_at(c->srv->bus, c->client, (const char *)m->data, m->len, m->opcode == ARQ_WS_OP_BINARY,
+                         c->srv->read_ns);
     return;
   case ARQ_WS_OP_PING:
     if (!c->close_sent)
@@ -444,12 +462,17 @@ static void read_handshake(arq_conn_t *c, uint8_t *data, size_t n) {
     return;
   }
   arq_client_params_t params;
-  if (c->kind == ARQ_PORT_BUS) {
-    char why[256];
-    if (arq_bus_parse_params(c->req->query.p, c->req->query.n, &params, why, sizeof why) != 0) {
-      refuse_upgrade(c, 400, why);
-      return;
-    }
+  uint32_t tel_mask = 0;
+  char why[256];
+  if (c->kind == ARQ_PORT_BUS &&
+      arq_bus_parse_params(c->req->query.p, c->req->query.n, &params, why, sizeof why) != 0) {
+    refuse_upgrade(c, 400, why);
+    return;
+  }
+  if (c->kind == ARQ_PORT_TELEMETRY &&
+      arq_telemetry_parse_query(c->req->query.p, c->req->query.n, &tel_mask, why, sizeof why) != 0) {
+    refuse_upgrade(c, 400, why);
+    return;
   }
   char resp[256];
   size_t rn = arq_ws_upgrade_response(&up, NULL, resp, sizeof resp);
@@ -461,6 +484,8 @@ static void read_handshake(arq_conn_t *c, uint8_t *data, size_t n) {
     c->client = arq_bus_connect(srv->bus, c, &params, c->remote);
     if (c->state != ARQ_CONN_OPEN)
       return; /* the welcome alone was too much for the queue */
+  } else {
+    arq_telemetry_attach(srv, c, tel_mask);
   }
   /* A client may send frames right behind its request. */
   srv->metrics.bytes_in += n - used;
@@ -483,6 +508,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   }
   uint8_t *data = (uint8_t *)buf->base;
   size_t n = (size_t)nread;
+  c->srv->read_ns = uv_hrtime(); /* arrival of what this read completes */
   if (c->opened)
     c->srv->metrics.bytes_in += n;
   if (c->input_done)

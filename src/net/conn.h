@@ -42,6 +42,7 @@ struct arq_conn {
   bool awaiting_pong;
   bool opened;             /* counted as an open WebSocket */
   uint8_t reason;          /* arq_close_reason_t, set when closing starts */
+  uint32_t tel_mask;       /* telemetry port: the event kinds wanted */
   unsigned inflight;       /* queue entries in the write in flight */
   size_t inflight_bytes;
   arq_outq_t outq;

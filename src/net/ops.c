@@ -1,12 +1,14 @@
-/* The HTTP ops port: /health, /version, /metrics.
+/* The HTTP ops port: /health, /version, /metrics, /status, /history.
  *
  * One request per connection (answered with Connection: close), parsed by the
  * same HTTP head parser as the WebSocket upgrade. GET only; unknown
  * paths 404, other methods 405.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "bus/names.h"
 #include "net/conn.h"
 #include "obs/log.h"
 #include "util/alloc.h"
@@ -46,11 +48,106 @@ static void serve_version(arq_conn_t *c) {
 }
 
 static void serve_metrics(arq_conn_t *c) {
-  size_t cap = 16384;
+  arq_server_t *srv = c->srv;
+  arq_bus_stats_t bus;
+  arq_bus_stats(srv->bus, &bus);
+  arq_process_t proc;
+  arq_process_read(&proc);
+  size_t cap = 256 * 1024;
   char *body = arq_malloc(cap);
-  size_t n = arq_metrics_render(&c->srv->metrics, body, cap);
+  size_t n = arq_metrics_render(&srv->metrics, &bus, &proc, srv->ntelemetry, body, cap);
   arq_conn_http_reply(c, 200, "text/plain; version=0.0.4; charset=utf-8", NULL, body, n, ARQ_CLOSE_NORMAL);
   arq_free(body);
+}
+
+static void reply_json_value(arq_conn_t *c, int status, const json_t *v) {
+  char *text = json_dumps(v, JSON_COMPACT);
+  size_t n = strlen(text);
+  arq_conn_http_reply(c, status, "application/json", NULL, text, n, ARQ_CLOSE_NORMAL);
+  free(text);
+}
+
+static void reply_error(arq_conn_t *c, int status, const char *code, const char *message) {
+  json_t *e = json_pack("{s:s, s:s}", "error", code, "message", message);
+  reply_json_value(c, status, e);
+  json_decref(e);
+}
+
+/* Finds query parameter 'name' of 'req' and decodes it into 'out'. Returns 1
+ * when found, 0 when absent, -1 when badly encoded or too long. */
+static int query_param(const arq_http_req_t *req, const char *name, char *out, size_t cap) {
+  const char *q = req->query.p, *end = q + req->query.n;
+  size_t nl = strlen(name);
+  while (q && q < end) {
+    const char *amp = memchr(q, '&', (size_t)(end - q));
+    const char *pe = amp ? amp : end;
+    const char *eq = memchr(q, '=', (size_t)(pe - q));
+    const char *ke = eq ? eq : pe;
+    if ((size_t)(ke - q) == nl && memcmp(q, name, nl) == 0) {
+      if (!eq) {
+        out[0] = '\0';
+        return 1;
+      }
+      return arq_names_unescape(eq + 1, (size_t)(pe - eq - 1), out, cap) < 0 ? -1 : 1;
+    }
+    q = amp ? amp + 1 : end;
+  }
+  return 0;
+}
+
+/* Reads a non-negative integer parameter; returns false (and answers 400)
+ * when it is present but not one. */
+static bool int_param(arq_conn_t *c, const arq_http_req_t *req, const char *name, long long *v) {
+  char text[32];
+  int rc = query_param(req, name, text, sizeof text);
+  if (rc == 0)
+    return true;
+  char *end = NULL;
+  long long x = rc > 0 && text[0] ? strtoll(text, &end, 10) : -1;
+  if (rc < 0 || !end || *end || x < 0) {
+    char msg[96];
+    snprintf(msg, sizeof msg, "%s must be a non-negative integer", name);
+    reply_error(c, 400, "invalid_argument", msg);
+    return false;
+  }
+  *v = x;
+  return true;
+}
+
+static void serve_status(arq_conn_t *c, const arq_http_req_t *req) {
+  long long offset = 0, limit = ARQ_STATUS_DEFAULT_LIMIT;
+  if (!int_param(c, req, "offset", &offset) || !int_param(c, req, "limit", &limit))
+    return;
+  if (limit < 1) {
+    reply_error(c, 400, "invalid_argument", "limit must be at least 1");
+    return;
+  }
+  json_t *s = arq_bus_status_page(c->srv->bus, (size_t)offset, (size_t)limit);
+  reply_json_value(c, 200, s);
+  json_decref(s);
+}
+
+static void history_answer(void *ud, int status, json_t *body) { reply_json_value(ud, status, body); }
+
+static void serve_history(arq_conn_t *c, const arq_http_req_t *req) {
+  char room[2 * ARQ_NAME_MAX + 2], channel[2 * ARQ_NAME_MAX + 2], since[ARQ_ENV_MAX_ID + 1];
+  long long limit = 0;
+  int rr = query_param(req, "room", room, sizeof room);
+  int rc = query_param(req, "channel", channel, sizeof channel);
+  int rs = query_param(req, "since", since, sizeof since);
+  if (rr < 0 || rc < 0 || rs < 0) {
+    reply_error(c, 400, "invalid_argument", "a query parameter is badly encoded or too long");
+    return;
+  }
+  if (!int_param(c, req, "limit", &limit))
+    return;
+  char probe[32];
+  if (limit == 0 && query_param(req, "limit", probe, sizeof probe) != 0) { /* limit=0 given explicitly */
+    reply_error(c, 400, "invalid_argument", "limit must be at least 1");
+    return;
+  }
+  arq_bus_history(c->srv->bus, rr ? room : NULL, rc ? channel : NULL, limit, rs > 0 && since[0] ? since : NULL,
+                  history_answer, c);
 }
 
 void arq_ops_handle(arq_conn_t *c, const arq_http_req_t *req) {
@@ -67,6 +164,10 @@ void arq_ops_handle(arq_conn_t *c, const arq_http_req_t *req) {
     serve_version(c);
   else if (path_is(req, "/metrics"))
     serve_metrics(c);
+  else if (path_is(req, "/status"))
+    serve_status(c, req);
+  else if (path_is(req, "/history"))
+    serve_history(c, req);
   else {
     static const char msg[] = "{\"error\":\"not_found\"}\n";
     reply_json(c, 404, msg, sizeof msg - 1);

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "net/conn.h"
+#include "net/telemetry.h"
 #include "obs/log.h"
 #include "util/alloc.h"
 #include "util/err.h"
@@ -44,12 +45,19 @@ static void flush_all(arq_server_t *srv) {
 static void on_check(uv_check_t *h) { flush_all(h->data); }
 
 /* The bus reaches connections through these two callbacks. */
-static bool bus_send(void *ud, void *conn, arq_rcbuf_t *frame) {
+static bool bus_send(void *ud, void *conn, arq_rcbuf_t *frame) { return arq_conn_send(conn, frame); }
+
+static void bus_telemetry(void *ud, arq_tel_event_t ev, json_t *env) { arq_telemetry_publish(ud, ev, env); }
+
+/* The shell's figures in status reports. */
+static void bus_describe(void *ud, json_t *server) {
   arq_server_t *srv = ud;
-  if (!arq_conn_send(conn, frame))
-    return false;
-  srv->metrics.messages_delivered++;
-  return true;
+  json_object_set_new(server, "connections", json_integer((json_int_t)srv->metrics.connections));
+  json_object_set_new(server, "telemetry_clients", json_integer((json_int_t)srv->ntelemetry));
+  json_object_set_new(server, "bytes_in", json_integer((json_int_t)srv->metrics.bytes_in));
+  json_object_set_new(server, "bytes_out", json_integer((json_int_t)srv->metrics.bytes_out));
+  json_object_set_new(server, "slow_consumer_closes", json_integer((json_int_t)srv->metrics.slow_consumer_closes));
+  json_object_set_new(server, "draining", json_boolean(srv->draining));
 }
 
 static void bus_close(void *ud, void *conn, uint16_t code, const char *why) {
@@ -99,11 +107,30 @@ static arq_bus_t *make_bus(arq_server_t *srv, char *err, size_t cap) {
   o.admins = (const char *const *)admins;
   if (RAND_bytes((unsigned char *)&o.seed, sizeof o.seed) != 1)
     o.seed = arq_time_wall_ms() ^ (uint64_t)getpid() << 32;
-  arq_bus_io_t io = {.send = bus_send, .close = bus_close, .ud = srv};
+  o.telemetry_channel = cfg->telemetry_channel;
+  o.dashboard_channel = cfg->dashboard_channel;
+  arq_bus_io_t io = {.send = bus_send, .close = bus_close, .telemetry = bus_telemetry, .describe = bus_describe,
+                     .ud = srv};
   arq_bus_t *bus = arq_bus_new(&o, &io, arq_history_mem_new(cfg->history_size), err, cap);
   free_names(bootstrap);
   free_names(admins);
   return bus;
+}
+
+/* The periodic stats line: the telemetry snapshot, as log fields. */
+static void log_stats(arq_server_t *srv) {
+  json_t *s = arq_telemetry_snapshot(srv);
+  arq_log(ARQ_LOG_INFO, "stats", "stats", ARQ_LI("connections", json_integer_value(json_object_get(s, "connections"))),
+          ARQ_LI("clients", json_integer_value(json_object_get(s, "clients"))),
+          ARQ_LI("rooms", json_integer_value(json_object_get(s, "rooms"))),
+          ARQ_LI("channels", json_integer_value(json_object_get(s, "channels"))),
+          ARQ_LI("messages_received", json_integer_value(json_object_get(s, "messages_received"))),
+          ARQ_LI("messages_delivered", json_integer_value(json_object_get(s, "messages_delivered"))),
+          ARQ_LI("history_messages", json_integer_value(json_object_get(s, "history_messages"))),
+          ARQ_LI("bytes_in", json_integer_value(json_object_get(s, "bytes_in"))),
+          ARQ_LI("bytes_out", json_integer_value(json_object_get(s, "bytes_out"))),
+          ARQ_LI("telemetry_dropped", json_integer_value(json_object_get(s, "telemetry_dropped"))));
+  json_decref(s);
 }
 
 /* Deadlines: each queue shares one timeout, so its head is the first due. */
@@ -146,6 +173,14 @@ static void on_tick(uv_timer_t *t) {
   if (now >= srv->bus_tick_at + 1000) {
     srv->bus_tick_at = now;
     arq_bus_tick(srv->bus, now);
+  }
+  if (cfg->telemetry_stats_interval_ms && now >= srv->tel_stats_at + cfg->telemetry_stats_interval_ms) {
+    srv->tel_stats_at = now;
+    arq_telemetry_stats(srv);
+  }
+  if (cfg->stats_log_interval_ms && now >= srv->stats_log_at + cfg->stats_log_interval_ms) {
+    srv->stats_log_at = now;
+    log_stats(srv);
   }
   flush_all(srv);
 }
@@ -209,6 +244,7 @@ int arq_server_start(arq_server_t *srv, uv_loop_t *loop, const arq_config_t *cfg
   memset(srv, 0, offsetof(arq_server_t, rbuf));
   srv->loop = loop;
   srv->cfg = cfg;
+  srv->bus_tick_at = srv->tel_stats_at = srv->stats_log_at = uv_now(loop);
   srv->bus = make_bus(srv, err, cap);
   if (!srv->bus)
     return ARQ_EINVAL;
@@ -216,6 +252,7 @@ int arq_server_start(arq_server_t *srv, uv_loop_t *loop, const arq_config_t *cfg
   srv->max_pending = cfg->max_connections / 4 + 64;
   arq_list_init(&srv->conns);
   arq_list_init(&srv->bus_open);
+  arq_list_init(&srv->telemetry_open);
   arq_list_init(&srv->handshaking);
   arq_list_init(&srv->closing);
   arq_list_init(&srv->ping_due);
@@ -329,4 +366,5 @@ void arq_server_close(arq_server_t *srv) {
 void arq_server_free(arq_server_t *srv) {
   arq_bus_free(srv->bus);
   srv->bus = NULL;
+  arq_buf_free(&srv->tel_scratch);
 }

@@ -39,6 +39,7 @@ struct arq_server {
   const arq_config_t *cfg; /* borrowed; outlives the server */
   arq_bus_t *bus;          /* owned: rooms, channels, clients, history */
   uint64_t bus_tick_at;    /* loop time of the bus's last periodic work */
+  uint64_t read_ns;        /* uv_hrtime() of the read being handled */
   arq_metrics_t metrics;
   arq_listener_t listeners[ARQ_PORT_COUNT];
   uv_timer_t tick;         /* deadlines: handshakes, closes, heartbeats, stalled writes */
@@ -51,6 +52,12 @@ struct arq_server {
    * timeout, in insertion order, so only its head can be due. */
   arq_list_t conns;        /* every live connection */
   arq_list_t bus_open;     /* bus connections past the handshake, not closing */
+  arq_list_t telemetry_open; /* monitoring connections (net/telemetry.c), by node_open */
+  size_t ntelemetry;
+  uint32_t tel_mask;       /* telemetry kinds some monitoring client wants */
+  uint64_t tel_stats_at;   /* loop time of the last stats snapshot */
+  uint64_t stats_log_at;   /* loop time of the last stats log line */
+  arq_buf_t tel_scratch;   /* encoding buffer of the telemetry stream */
   arq_list_t handshaking;  /* deadline: handshake_timeout */
   arq_list_t closing;      /* deadline: close_timeout */
   arq_list_t ping_due;     /* by time of the last ping */

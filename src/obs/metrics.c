@@ -1,8 +1,12 @@
 /* Counters and the Prometheus text exposition (see metrics.h). */
 #include "obs/metrics.h"
 
+#include <dirent.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 static const char *const close_reason_names[ARQ_CLOSE_REASON_COUNT] = {
     "normal", "shutdown", "protocol_error", "slow_consumer", "heartbeat_timeout",
@@ -50,8 +54,49 @@ static void header(out_t *o, const char *name, const char *type, const char *hel
   emit(o, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
-size_t arq_metrics_render(const arq_metrics_t *m, char *p, size_t cap) {
-  out_t o = {p, cap, 0, 0};
+void arq_process_read(arq_process_t *p) {
+  *p = (arq_process_t){0};
+  FILE *f = fopen("/proc/self/statm", "r");
+  unsigned long size = 0, resident = 0;
+  if (f) {
+    if (fscanf(f, "%lu %lu", &size, &resident) == 2)
+      p->resident_bytes = (uint64_t)resident * (uint64_t)sysconf(_SC_PAGESIZE);
+    fclose(f);
+  }
+  DIR *d = opendir("/proc/self/fd");
+  if (d) {
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+      if (e->d_name[0] != '.')
+        p->open_fds++;
+    closedir(d);
+    p->open_fds--; /* the directory stream's own descriptor */
+  }
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
+    p->max_fds = rl.rlim_cur;
+}
+
+/* A histogram family member: cumulative buckets, sum and count. 'labels' is
+ * "" or 'name="value",' (with the trailing comma). */
+static void histogram(out_t *o, const char *name, const char *labels, const arq_hist_t *h) {
+  uint64_t cum = 0;
+  for (int i = 0; i < ARQ_HIST_NBOUNDS; i++) {
+    cum += h->buckets[i];
+    emit(o, "%s_bucket{%sle=\"%g\"} %llu\n", name, labels, arq_hist_bounds[i], (unsigned long long)cum);
+  }
+  emit(o, "%s_bucket{%sle=\"+Inf\"} %llu\n", name, labels, (unsigned long long)h->count);
+  size_t n = strlen(labels);
+  if (n) /* drop the trailing comma for the plain series */
+    emit(o, "%s_sum{%.*s} %.9f\n%s_count{%.*s} %llu\n", name, (int)n - 1, labels, (double)h->sum_ns / 1e9, name,
+         (int)n - 1, labels, (unsigned long long)h->count);
+  else
+    emit(o, "%s_sum %.9f\n%s_count %llu\n", name, (double)h->sum_ns / 1e9, name, (unsigned long long)h->count);
+}
+
+size_t arq_metrics_render(const arq_metrics_t *m, const arq_bus_stats_t *bus, const arq_process_t *p,
+                          uint64_t telemetry_clients, char *out, size_t cap) {
+  out_t o = {out, cap, 0, 0};
   header(&o, "arqonbus_connections", "gauge", "Open WebSocket connections.");
   emit(&o, "arqonbus_connections %lld\n", (long long)m->connections);
   header(&o, "arqonbus_connections_opened_total", "counter", "WebSocket handshakes completed.");
@@ -70,10 +115,49 @@ size_t arq_metrics_render(const arq_metrics_t *m, char *p, size_t cap) {
          (unsigned long long)m->handshake_errors[i]);
   header(&o, "arqonbus_slow_consumer_closes_total", "counter", "Clients closed because they could not keep up.");
   emit(&o, "arqonbus_slow_consumer_closes_total %llu\n", (unsigned long long)m->slow_consumer_closes);
-  header(&o, "arqonbus_messages_received_total", "counter", "WebSocket data messages received from clients.");
-  emit(&o, "arqonbus_messages_received_total %llu\n", (unsigned long long)m->messages_received);
-  header(&o, "arqonbus_messages_delivered_total", "counter", "Envelopes queued to clients: events, private messages, replies, notifications, errors.");
-  emit(&o, "arqonbus_messages_delivered_total %llu\n", (unsigned long long)m->messages_delivered);
+  header(&o, "arqonbus_messages_received_total", "counter",
+         "Messages received from bus clients, by envelope type (invalid: not a valid envelope).");
+  for (int t = 0; t < ARQ_MSG_NTYPES; t++)
+    emit(&o, "arqonbus_messages_received_total{type=\"%s\"} %llu\n", arq_msg_type_name((arq_msg_type_t)t),
+         (unsigned long long)bus->received[t]);
+  emit(&o, "arqonbus_messages_received_total{type=\"invalid\"} %llu\n", (unsigned long long)bus->received_invalid);
+  header(&o, "arqonbus_messages_delivered_total", "counter",
+         "Envelopes queued to bus clients, by type (events, private messages, replies, notifications, errors).");
+  for (int t = 0; t < ARQ_MSG_NTYPES; t++)
+    emit(&o, "arqonbus_messages_delivered_total{type=\"%s\"} %llu\n", arq_msg_type_name((arq_msg_type_t)t),
+         (unsigned long long)bus->delivered[t]);
+  header(&o, "arqonbus_errors_total", "counter", "Error envelopes sent to clients, by code.");
+  for (int c = 0; c < ARQ_CODE_NCODES; c++)
+    emit(&o, "arqonbus_errors_total{code=\"%s\"} %llu\n", arq_code_name((arq_code_t)c),
+         (unsigned long long)bus->errors[c]);
+  header(&o, "arqonbus_malformed_closes_total", "counter", "Clients closed after too many malformed envelopes in a row.");
+  emit(&o, "arqonbus_malformed_closes_total %llu\n", (unsigned long long)bus->malformed_closes);
+  header(&o, "arqonbus_routing_latency_seconds", "histogram",
+         "Time from a message's arrival to its last recipient's queue (events, private, telemetry).");
+  histogram(&o, "arqonbus_routing_latency_seconds", "", &bus->routing);
+  header(&o, "arqonbus_command_duration_seconds", "histogram", "Time to run a command, by command.");
+  for (size_t i = 0; arq_bus_command_name(i); i++) {
+    char labels[64];
+    snprintf(labels, sizeof labels, "command=\"%s\",", arq_bus_command_name(i));
+    histogram(&o, "arqonbus_command_duration_seconds", labels, &bus->commands[i]);
+  }
+  header(&o, "arqonbus_clients", "gauge", "Clients connected to the bus.");
+  emit(&o, "arqonbus_clients %llu\n", (unsigned long long)bus->clients);
+  header(&o, "arqonbus_rooms", "gauge", "Rooms that exist.");
+  emit(&o, "arqonbus_rooms %llu\n", (unsigned long long)bus->rooms);
+  header(&o, "arqonbus_channels", "gauge", "Channels that exist.");
+  emit(&o, "arqonbus_channels %llu\n", (unsigned long long)bus->channels);
+  header(&o, "arqonbus_history_messages", "gauge", "Messages held in history, all channels.");
+  emit(&o, "arqonbus_history_messages %llu\n", (unsigned long long)bus->history_messages);
+  header(&o, "arqonbus_storage_up", "gauge", "Whether the history backend is available (1) or degraded (0).");
+  emit(&o, "arqonbus_storage_up{backend=\"memory\"} 1\n");
+  header(&o, "arqonbus_telemetry_clients", "gauge", "Monitoring clients on the telemetry port.");
+  emit(&o, "arqonbus_telemetry_clients %llu\n", (unsigned long long)telemetry_clients);
+  header(&o, "arqonbus_telemetry_events_total", "counter", "Telemetry events published to monitoring clients.");
+  emit(&o, "arqonbus_telemetry_events_total %llu\n", (unsigned long long)m->telemetry_events);
+  header(&o, "arqonbus_telemetry_dropped_total", "counter",
+         "Telemetry envelopes dropped because a monitoring client's queue was full.");
+  emit(&o, "arqonbus_telemetry_dropped_total %llu\n", (unsigned long long)m->telemetry_dropped);
   header(&o, "arqonbus_received_bytes_total", "counter", "Bytes read from WebSocket clients.");
   emit(&o, "arqonbus_received_bytes_total %llu\n", (unsigned long long)m->bytes_in);
   header(&o, "arqonbus_sent_bytes_total", "counter", "Bytes written to WebSocket clients.");
@@ -83,5 +167,11 @@ size_t arq_metrics_render(const arq_metrics_t *m, char *p, size_t cap) {
   header(&o, "arqonbus_start_time_seconds", "gauge", "Start time of the process since the Unix epoch.");
   emit(&o, "arqonbus_start_time_seconds %llu.%03llu\n", (unsigned long long)(m->start_time_ms / 1000),
        (unsigned long long)(m->start_time_ms % 1000));
+  header(&o, "arqonbus_process_resident_memory_bytes", "gauge", "Resident memory of the process.");
+  emit(&o, "arqonbus_process_resident_memory_bytes %llu\n", (unsigned long long)p->resident_bytes);
+  header(&o, "arqonbus_process_open_fds", "gauge", "Open file descriptors of the process.");
+  emit(&o, "arqonbus_process_open_fds %llu\n", (unsigned long long)p->open_fds);
+  header(&o, "arqonbus_process_max_fds", "gauge", "File descriptor limit of the process.");
+  emit(&o, "arqonbus_process_max_fds %llu\n", (unsigned long long)p->max_fds);
   return o.overflow ? 0 : o.len;
 }

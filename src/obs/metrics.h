@@ -11,6 +11,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "bus/bus.h"
+
 /* Why a connection ended; the label of arqonbus_connections_closed_total. */
 typedef enum {
   ARQ_CLOSE_NORMAL = 0,        /* close handshake the client started */
@@ -35,11 +37,12 @@ typedef struct arq_metrics {
   uint64_t protocol_errors[3];         /* by close code 1002, 1007, 1009 */
   uint64_t handshake_errors[6];        /* by status 400, 405, 426, 431, 503, 408 */
   uint64_t slow_consumer_closes;
-  uint64_t messages_received;          /* data messages from clients */
-  uint64_t messages_delivered;         /* envelopes queued to clients */
   uint64_t bytes_in;
   uint64_t bytes_out;
   uint64_t http_requests;              /* ops port */
+  uint64_t telemetry_events;           /* telemetry events published */
+  uint64_t telemetry_sent;             /* telemetry envelopes queued to monitoring clients */
+  uint64_t telemetry_dropped;          /* ... dropped because a client's queue was full */
 } arq_metrics_t;
 
 /* Counts a protocol violation by its close 'code' (1002, 1007 or 1009). */
@@ -49,8 +52,20 @@ void arq_metrics_handshake_error(arq_metrics_t *m, int status);
 /* Returns the label value of 'reason' ("slow_consumer"). */
 const char *arq_close_reason_name(arq_close_reason_t reason);
 
-/* Writes the exposition of 'm' into 'out' ('cap' bytes). Returns the length,
- * or 0 when 'cap' is too small. */
-size_t arq_metrics_render(const arq_metrics_t *m, char *out, size_t cap);
+/* Figures of the process, read when /metrics is served. */
+typedef struct arq_process {
+  uint64_t resident_bytes;
+  uint64_t open_fds;
+  uint64_t max_fds;
+} arq_process_t;
+
+/* Fills 'p' from /proc (zeros where unavailable). */
+void arq_process_read(arq_process_t *p);
+
+/* Writes the exposition of 'm', the bus figures 'bus', the process figures
+ * 'p' and the telemetry client count into 'out' ('cap' bytes). Returns the
+ * length, or 0 when 'cap' is too small. */
+size_t arq_metrics_render(const arq_metrics_t *m, const arq_bus_stats_t *bus, const arq_process_t *p,
+                          uint64_t telemetry_clients, char *out, size_t cap);
 
 #endif
