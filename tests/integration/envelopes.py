@@ -142,3 +142,14 @@ class Bus:
 def error_code(env):
     assert env["type"] == "error", env
     return env["payload"]["code"]
+
+
+def close_of(ws, timeout=5.0):
+    """Reads the RawWS 'ws' up to the server's close frame; every data message
+    before it is checked as an envelope. Returns (code, reason)."""
+    skipped = []
+    code, reason = ws.expect_close(timeout, skipped)
+    for op, payload in skipped:
+        assert op == OP_TEXT, (op, payload[:200])
+        check(payload)
+    return code, reason

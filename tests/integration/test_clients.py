@@ -27,7 +27,7 @@ import websockets
 from conftest import SLOW
 from envelopes import Bus, check, error_code, query
 from rawws import OP_CLOSE, close_payload, parse_close
-from wsutil import read_envelopes
+from wsutil import read_envelopes, type_deltas
 
 NODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node")
 LIMIT = 1048576  # the default max_message_size, 1 MiB
@@ -121,9 +121,15 @@ def test_websockets_echo_text_and_binary(server):
             for i, m in enumerate(messages):
                 expect(await recv_env(ws), m, me, i)
     asyncio.run(run())
-    # Each message was received once, whole: one error per binary message,
-    # and the text right behind each one was still understood.
-    assert server.metrics()[RECEIVED] == before[RECEIVED] + 2 * len(messages)
+    # Each message was received once, whole: one error per binary message
+    # (counted as invalid), and the text right behind each one was still
+    # understood as an event.
+    after = server.metrics()
+    texts = sum(1 for m in messages if isinstance(m, str))
+    binaries = len(messages) - texts
+    assert type_deltas(before, after, RECEIVED) == {"event": 2 * texts, "invalid": 2 * binaries}
+    # Back came the welcome, each event, and an error per binary message.
+    assert type_deltas(before, after, DELIVERED) == {"system": 1, "event": 2 * texts, "error": 2 * binaries}
 
 
 @pytest.mark.parametrize("kind", ["text", "binary"])
@@ -302,8 +308,13 @@ def test_node_ws_text_fragments_binary_ping_and_close(server):
         ("system", "client_left", node_id, "disconnected"), left
     server.wait_metric(NORMAL, lambda v: v == before[NORMAL] + 2)  # node, then the observer
     after = server.metrics()
-    assert after[RECEIVED] == before[RECEIVED] + 3
-    assert after[DELIVERED] == before[DELIVERED] + len(got) + 1 + len(seen)  # +1: the observer's welcome
+    # Two events and one binary message (invalid) came in.
+    assert type_deltas(before, after, RECEIVED) == {"event": 2, "invalid": 1}
+    # Out went what the two clients read, plus the observer's welcome: the
+    # welcomes and the observer's join and leave notes are system envelopes.
+    delivered = type_deltas(before, after, DELIVERED)
+    assert delivered == {"system": 1 + 1 + 2, "event": 2 + 2, "error": 1}, delivered
+    assert sum(delivered.values()) == len(got) + 1 + len(seen)
     assert after["arqonbus_connections"] == 0
 
 

@@ -9,6 +9,9 @@ import re
 
 from envelopes import BOOTSTRAP, Bus, error_code
 
+# The telemetry and dashboard channels always exist too, like bootstrap channels.
+SPECIAL = ["integriguard:telemetry-stream", "integriguard:dashboard-events"]
+
 TS_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z$")
 ID_RE = re.compile(r"^arq_[A-Za-z0-9_-]{1,124}$")
 SUMMARY_KEYS = {"room", "channel", "members", "bootstrap", "created_at", "messages", "history"}
@@ -41,19 +44,29 @@ def at(channel):
     return {"room": room, "channel": ch}
 
 
+def history_by_channel(status):
+    """{'room:channel': messages held} of the channels of a status payload
+    that hold any."""
+    return {"%s:%s" % (r["room"], c["channel"]): c["history"]
+            for r in status["room_details"] for c in r["channels"] if c["history"]}
+
+
 def test_status(server):
     a = Bus(server.port, client_type="ai-agent", screen_name="A")
     b = Bus(server.port, client_id="bee", channel="science:explore")
     p = ok(a.command("status"), "status")
-    assert set(p) >= {"server", "clients", "rooms", "channels", "messages", "history", "you"}
+    assert set(p) >= {"server", "clients", "rooms", "channels", "room_details", "messages", "history", "you"}
     assert p["server"]["name"] == "arqonbus" and TS_RE.match(p["server"]["started_at"])
     assert isinstance(p["server"]["version"], str) and p["server"]["version"]
     assert isinstance(p["server"]["uptime_seconds"], int) and p["server"]["uptime_seconds"] >= 0
     assert p["clients"]["total"] == 2
     assert p["clients"]["by_type"] == {"human": 1, "ai-agent": 1, "dashboard": 0, "service": 0}
-    assert p["rooms"] == 1 and p["channels"] == len(BOOTSTRAP)
+    # The science room of the bootstrap channels, and integriguard.
+    assert p["rooms"] == 2 and p["channels"] == len(BOOTSTRAP) + len(SPECIAL)
     assert p["history"]["backend"] == "memory" and p["history"]["capacity_per_channel"] == 500
-    assert p["history"]["messages"] == 0
+    # a is an ai-agent: its connection was published on the dashboard channel.
+    assert p["history"]["messages"] == 1
+    assert history_by_channel(p) == {"integriguard:dashboard-events": 1}
     assert p["you"]["client_id"] == a.id and p["you"]["client_type"] == "ai-agent"
     assert p["you"]["screen_name"] == "A" and p["you"]["subscriptions"] == []
     received, delivered = p["messages"]["received"], p["messages"]["delivered"]
@@ -64,8 +77,11 @@ def test_status(server):
     drain(b)
     a.join("science:explore")
     p = ok(a.command("status"), "status")
-    assert p["rooms"] == 2 and p["channels"] == len(BOOTSTRAP) + 1
-    assert p["history"]["messages"] == 3
+    assert p["rooms"] == 3 and p["channels"] == len(BOOTSTRAP) + len(SPECIAL) + 1
+    # b's three events, and a's status and join_channel commands published on
+    # the dashboard channel after its connection (b is human: nothing there).
+    assert p["history"]["messages"] == 3 + 3
+    assert history_by_channel(p) == {"science:explore": 3, "integriguard:dashboard-events": 3}
     assert p["messages"]["received"] > received and p["messages"]["delivered"] > delivered
     assert p["you"]["subscriptions"] == ["science:explore"]
 
@@ -222,11 +238,13 @@ def test_list_channels(server):
     a.send({"type": "event", "room": "lab", "channel": "b"})
     p = ok(a.command("list_channels"), "list_channels")
     keys = ["%s:%s" % (c["room"], c["channel"]) for c in p["channels"]]
-    expected = sorted(BOOTSTRAP + ["zeta:a", "lab:b", "lab:a", "lab-2:x", "Lab:c", "lab:a.b", "lab:a-b", "0room:z"])
+    expected = sorted(BOOTSTRAP + SPECIAL +
+                      ["zeta:a", "lab:b", "lab:a", "lab-2:x", "Lab:c", "lab:a.b", "lab:a-b", "0room:z"])
     assert keys == expected, keys
     assert p["count"] == len(expected) and "room" not in p
     for c in p["channels"]:
         assert set(c) == SUMMARY_KEYS, c
+    assert [k for k, c in zip(keys, p["channels"]) if c["bootstrap"]] == sorted(BOOTSTRAP + SPECIAL)
     labb = [c for c in p["channels"] if (c["room"], c["channel"]) == ("lab", "b")][0]
     assert (labb["members"], labb["messages"], labb["history"], labb["bootstrap"]) == (1, 1, 1, False)
 

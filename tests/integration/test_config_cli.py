@@ -34,7 +34,8 @@ SETTING_FLAGS = [
     "--max-message-size", "--max-header-size", "--handshake-timeout", "--heartbeat-interval",
     "--heartbeat-timeout", "--close-timeout", "--max-connections", "--max-outbound-queue",
     "--write-timeout", "--drain-timeout", "--max-envelope-size", "--max-malformed", "--history-size",
-    "--history-max-limit", "--channel-ttl", "--bootstrap-channels", "--admins",
+    "--history-max-limit", "--channel-ttl", "--bootstrap-channels", "--admins", "--telemetry-channel",
+    "--dashboard-channel", "--telemetry-stats-interval", "--telemetry-queue", "--stats-log-interval",
 ]
 SANITIZER = re.compile(r"(AddressSanitizer|LeakSanitizer|runtime error)")
 LOGFMT_LINE = re.compile(r'^time=(\S+) level=(\w+) component=(\w+) msg=("(?:[^"\\]|\\.)*"|\S+)')

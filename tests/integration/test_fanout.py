@@ -31,7 +31,7 @@ import pytest
 from conftest import SLOW
 from envelopes import Bus, check, query
 from rawws import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, close_payload, frame, parse_close
-from wsutil import connect_many, drain_to_end, frame_size, masked_frame, pop_frame, read_envelopes
+from wsutil import connect_many, drain_to_end, frame_size, masked_frame, pop_frame, read_envelopes, type_deltas
 
 RECEIVED = "arqonbus_messages_received_total"
 DELIVERED = "arqonbus_messages_delivered_total"
@@ -250,8 +250,14 @@ def test_every_client_gets_every_message_once_in_sender_order(server):
             assert len(set(ids_seen)) == len(ids_seen), "client %d got an event id twice" % i
         expect_pong_next(conns, 5 * SLOW)
         after = server.metrics()
-        assert after[RECEIVED] - before[RECEIVED] == nsenders * per_sender
-        assert after[DELIVERED] - before[DELIVERED] == sum(counts) == sum(len(envs) for envs in got)
+        # Received: every message, the binary ones as invalid. Delivered: the
+        # events, and an error per binary message.
+        nerrors = nsenders * nbinary
+        assert type_deltas(before, after, RECEIVED) == {"event": nsenders * len(routed[0]), "invalid": nerrors}
+        assert nsenders * len(routed[0]) + nerrors == nsenders * per_sender
+        delivered = type_deltas(before, after, DELIVERED)
+        assert delivered == {"event": sum(counts) - nerrors, "error": nerrors}, delivered
+        assert sum(delivered.values()) == sum(counts) == sum(len(envs) for envs in got)
         assert sum(counts) == nclients * total - (nsenders - 1) * len(routed[0]) + nsenders * nbinary
         assert after[SLOW_CLOSES] == before[SLOW_CLOSES]
     finally:
@@ -261,11 +267,12 @@ def test_every_client_gets_every_message_once_in_sender_order(server):
 
 def test_message_counters_follow_joins_and_leaves(server):
     """received counts the messages clients sent; delivered counts every
-    envelope queued to a client: welcomes, notifications to the members of
-    the moment, and each event once per member but its sender."""
+    envelope queued to a client: welcomes and notifications to the members
+    of the moment (system), and each event once per member but its sender."""
     room, ch = "count", "c"
     before = server.metrics()
     read = 0  # envelopes the clients read; delivered must move by exactly this
+    events = 0  # ... of which events; the rest are system envelopes
 
     def publish(sender, members, text):
         sender.send(event_text({"data": text}))
@@ -280,12 +287,14 @@ def test_message_counters_follow_joins_and_leaves(server):
     read += n
     try:
         assert read == 3 + (0 + 1 + 2)
-        read += publish(clients[0], clients, "to two others")
+        n = publish(clients[0], clients, "to two others")
+        read, events = read + n, events + n
         more, n = join_in_turn(server.port, "count:c", 4, members=clients)
         clients += more
         read += n
         assert n == 4 + (3 + 4 + 5 + 6)
-        read += publish(clients[1], clients, "to six others")
+        n = publish(clients[1], clients, "to six others")
+        read, events = read + n, events + n
         for gone in clients[:2]:
             gone.ws.send_frame(OP_CLOSE, close_payload(1000))
             gone.ws.sock.settimeout(5 * SLOW)
@@ -298,12 +307,14 @@ def test_message_counters_follow_joins_and_leaves(server):
                 check_left(m.recv(), room, ch, gone.id, len(clients))
                 read += 1
         server.wait_metric("arqonbus_connections", lambda v: v == 5)
-        read += publish(clients[0], clients, "to four others")
+        n = publish(clients[0], clients, "to four others")
+        read, events = read + n, events + n
         expect_pong_next([m.ws for m in clients], 5 * SLOW)
         after = server.metrics()
-        assert after[RECEIVED] - before[RECEIVED] == 3
+        assert type_deltas(before, after, RECEIVED) == {"event": 3}
         assert read == 6 + 2 + 22 + 6 + (6 + 5) + 4
-        assert after[DELIVERED] - before[DELIVERED] == read
+        assert events == 2 + 6 + 4
+        assert type_deltas(before, after, DELIVERED) == {"system": read - events, "event": events}
     finally:
         close_all(clients)
 
@@ -440,7 +451,7 @@ def test_slow_consumer_over_the_queue_bound(make_server, reads_after_close):
         after = server.metrics()
         assert after[SLOW_CLOSES] == before[SLOW_CLOSES] + 1
         assert after[CLOSED_SLOW] == before[CLOSED_SLOW] + 1
-        assert after[RECEIVED] - before[RECEIVED] == paced.sent
+        assert type_deltas(before, after, RECEIVED) == {"event": paced.sent}
         # Nothing else is queued to anyone; the sender never got its own events.
         expect_pong_next([m.ws for m in members], 5 * SLOW)
     finally:

@@ -168,6 +168,22 @@ CORPUS = [
     ("command 33 bytes", {"type": "command", "command": "c" * 33}, "invalid_envelope"),
     ("command number", {"type": "command", "command": 7}, "invalid_envelope"),
     ("command null", {"type": "command", "command": None}, "invalid_envelope"),
+    # ---- eventType and telemetry -------------------------------------------
+    ("eventType on an event", ev(eventType="x"), "invalid_envelope"),
+    ("eventType on a command", {"type": "command", "command": "ping", "eventType": "x"}, "invalid_envelope"),
+    ("eventType on a private", {"type": "private", "to": ["x"], "eventType": "x"}, "invalid_envelope"),
+    ("telemetry without eventType", {"type": "telemetry", "payload": {"x": 1}}, "invalid_envelope"),
+    ("telemetry without payload", {"type": "telemetry", "eventType": "x"}, "invalid_envelope"),
+    ("telemetry payload a string", {"type": "telemetry", "eventType": "x", "payload": "p"}, "invalid_envelope"),
+    ("telemetry payload null", {"type": "telemetry", "eventType": "x", "payload": None}, "invalid_envelope"),
+    ("eventType number", {"type": "telemetry", "eventType": 5, "payload": {}}, "invalid_envelope"),
+    ("eventType null", {"type": "telemetry", "eventType": None, "payload": {}}, "invalid_envelope"),
+    ("eventType empty", {"type": "telemetry", "eventType": "", "payload": {}}, "invalid_envelope"),
+    ("eventType 65 bytes", {"type": "telemetry", "eventType": "e" * 65, "payload": {}}, "invalid_envelope"),
+    ("eventType with space", {"type": "telemetry", "eventType": "agent activity", "payload": {}},
+     "invalid_envelope"),
+    ("eventType starting with .", {"type": "telemetry", "eventType": ".x", "payload": {}}, "invalid_envelope"),
+    ("eventType in the wrong case", {"type": "telemetry", "eventtype": "x", "payload": {}}, "invalid_envelope"),
     # ---- payload, metadata, correlation_id --------------------------------
     ("payload list", ev(payload=[]), "invalid_envelope"),
     ("payload string", ev(payload="x"), "invalid_envelope"),
@@ -230,6 +246,7 @@ def run_corpus(port):
     """Sends every corpus message, each followed by a ping. Returns a list of
     (what, sent text, expected code, the error received, the id it carried)."""
     observer = Bus(port, channel="science:explore")
+    stream = Bus(port, channel="integriguard:telemetry-stream")  # where valid client telemetry goes
     m = Bus(port)
     results = []
     for i, (what, message, code) in enumerate(CORPUS):
@@ -245,10 +262,11 @@ def run_corpus(port):
         assert pong["command"] == "pong" and pong["payload"]["data"] == i, (what, pong)
         assert m.skipped == [], (what, m.skipped)  # exactly one answer per malformed message
     # Nothing malformed was routed, and the connection is still open.
-    ping = observer.command("ping")
-    assert ping["command"] == "pong" and observer.skipped == [], observer.skipped
+    for bus in (observer, stream):
+        ping = bus.command("ping")
+        assert ping["command"] == "pong" and bus.skipped == [], bus.skipped
     st = m.command("status")["payload"]
-    assert st["clients"]["total"] == 2
+    assert st["clients"]["total"] == 3
     return results
 
 
@@ -320,15 +338,32 @@ def test_boundaries_are_accepted(server):
     assert error_code(err) == "not_found" and len(err["payload"]["unknown"]) == 99, err
 
 
-def test_system_error_and_telemetry_from_a_client_are_forbidden(server):
+def test_system_and_error_from_a_client_are_forbidden_and_telemetry_goes_to_its_channel(server):
     observer = Bus(server.port, channel="science:explore")
+    stream = Bus(server.port, channel="integriguard:telemetry-stream")
     m = Bus(server.port)
-    for t in ("system", "error", "telemetry"):
+    for t in ("system", "error"):
         m.send({"type": t, "id": "arq_%s" % t, "room": "science", "channel": "explore", "payload": {"event": "x"}})
         err = m.recv()
         assert error_code(err) == "forbidden" and err["correlation_id"] == "arq_%s" % t, err
+    # Telemetry needs "eventType" and "payload"...
+    m.send({"type": "telemetry", "id": "arq_telemetry", "room": "science", "channel": "explore",
+            "payload": {"event": "x"}})
+    err = m.recv()
+    assert error_code(err) == "invalid_envelope" and err["correlation_id"] == "arq_telemetry", err
     assert m.command("ping")["command"] == "pong" and m.skipped == []
     assert observer.command("ping")["command"] == "pong" and observer.skipped == []
+    assert stream.command("ping")["command"] == "pong" and stream.skipped == []
+    # ... and then goes to the telemetry channel, whatever room and channel it names.
+    m.send({"type": "telemetry", "id": "arq_telemetry2", "eventType": "probe", "room": "science",
+            "channel": "explore", "payload": {"event": "x"}})
+    assert m.command("ping")["command"] == "pong" and m.skipped == []
+    assert observer.command("ping")["command"] == "pong" and observer.skipped == []
+    assert stream.command("ping")["command"] == "pong"
+    [got] = stream.skipped
+    assert {k: got.get(k) for k in ("type", "id", "eventType", "room", "channel", "from", "payload")} == \
+        {"type": "telemetry", "id": "arq_telemetry2", "eventType": "probe", "room": "integriguard",
+         "channel": "telemetry-stream", "from": m.id, "payload": {"event": "x"}}, got
 
 
 def read_until_close(bus):

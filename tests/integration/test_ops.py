@@ -21,15 +21,22 @@ import websockets
 
 from busprobe import counted_bus, echo_roundtrip, expect_only_close, ping_roundtrip, read_welcome
 from conftest import BIN, SLOW
-from envelopes import Bus, check, error_code
+from envelopes import BOOTSTRAP, Bus, check, error_code
 from rawws import OP_CLOSE, close_payload
-from wsutil import closed_total, connect_many, http_request, reset
+from wsutil import closed_total, connect_many, http_request, reset, type_deltas
 
 JSON = "application/json"
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
+ENVELOPE_TYPES = {"event", "system", "command", "private", "telemetry", "error"}
+ERROR_CODES = {"invalid_json", "invalid_envelope", "unsupported_version", "unknown_type", "unsupported_frame",
+               "payload_too_large", "unknown_command", "invalid_argument", "not_found", "already_exists", "forbidden",
+               "internal_error"}
+COMMANDS = {"status", "create_channel", "delete_channel", "join_channel", "leave_channel", "list_channels",
+            "channel_info", "ping", "history", "help"}
+
 # Every family of docs/operations.md with its type and, for labelled ones,
-# the label and its values.
+# the label and its values (histograms: besides le).
 FAMILIES = {
     "arqonbus_connections": ("gauge", None),
     "arqonbus_connections_opened_total": ("counter", None),
@@ -39,15 +46,35 @@ FAMILIES = {
     "arqonbus_protocol_errors_total": ("counter", ("code", {"1002", "1007", "1009"})),
     "arqonbus_handshake_errors_total": ("counter", ("status", {"400", "405", "408", "426", "431", "503"})),
     "arqonbus_slow_consumer_closes_total": ("counter", None),
-    "arqonbus_messages_received_total": ("counter", None),
-    "arqonbus_messages_delivered_total": ("counter", None),
+    "arqonbus_messages_received_total": ("counter", ("type", ENVELOPE_TYPES | {"invalid"})),
+    "arqonbus_messages_delivered_total": ("counter", ("type", ENVELOPE_TYPES)),
+    "arqonbus_errors_total": ("counter", ("code", ERROR_CODES)),
+    "arqonbus_malformed_closes_total": ("counter", None),
+    "arqonbus_routing_latency_seconds": ("histogram", None),
+    "arqonbus_command_duration_seconds": ("histogram", ("command", COMMANDS)),
+    "arqonbus_clients": ("gauge", None),
+    "arqonbus_rooms": ("gauge", None),
+    "arqonbus_channels": ("gauge", None),
+    "arqonbus_history_messages": ("gauge", None),
+    "arqonbus_storage_up": ("gauge", ("backend", {"memory"})),
+    "arqonbus_telemetry_clients": ("gauge", None),
+    "arqonbus_telemetry_events_total": ("counter", None),
+    "arqonbus_telemetry_dropped_total": ("counter", None),
     "arqonbus_received_bytes_total": ("counter", None),
     "arqonbus_sent_bytes_total": ("counter", None),
     "arqonbus_http_requests_total": ("counter", None),
     "arqonbus_start_time_seconds": ("gauge", None),
+    "arqonbus_process_resident_memory_bytes": ("gauge", None),
+    "arqonbus_process_open_fds": ("gauge", None),
+    "arqonbus_process_max_fds": ("gauge", None),
 }
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+# The documented upper bounds of the histogram buckets (seconds), +Inf aside.
+BUCKETS = [0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+           0.1, 0.25, 1]
 
-SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_][a-zA-Z0-9_]*)="([^"\\]*)"\})? (\S+)$')
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="([^"\\]*)"(,|$)')
 
 
 def get(server, path):
@@ -96,9 +123,21 @@ def test_version_matches_the_binary(server):
 
 # ---- /metrics -----------------------------------------------------------------
 
+def parse_labels(text):
+    """{label: value} of the text between the braces of a sample."""
+    labels, pos = {}, 0
+    while pos < len(text):
+        m = LABEL.match(text, pos)
+        assert m, "bad labels: {%s}" % text
+        assert m.group(1) not in labels, "label %s twice: {%s}" % (m.group(1), text)
+        labels[m.group(1)] = m.group(2)
+        pos = m.end()
+    return labels
+
+
 def parse_exposition(text):
     """Checks the Prometheus text format line by line; returns
-    ({family: (type, help)}, [(name, label, label value, value)])."""
+    ({family: (type, help)}, [(family, sample name, {label: value}, value)])."""
     families, samples = {}, []
     current = None
     assert text.endswith("\n")
@@ -112,15 +151,46 @@ def parse_exposition(text):
         elif line.startswith("# TYPE "):
             name, _, kind = line[7:].partition(" ")
             assert name == current, "TYPE %s does not follow its HELP" % name
-            assert kind in ("counter", "gauge"), line
+            assert kind in ("counter", "gauge", "histogram"), line
             families[name][0] = kind
         else:
             m = SAMPLE.match(line)
             assert m, "not a sample line: %r" % line
-            name, _, label, label_value, value = m.groups()
-            assert name == current and families[name][0], "sample %s before its HELP and TYPE" % name
-            samples.append((name, label, label_value, float(value)))
+            name, labels, value = m.groups()
+            assert current and families[current][0], "sample %s before any HELP and TYPE" % name
+            names = [current + x for x in HISTOGRAM_SUFFIXES] if families[current][0] == "histogram" else [current]
+            assert name in names, "sample %s in family %s" % (name, current)
+            samples.append((current, name, parse_labels(labels or ""), float(value)))
     return {k: tuple(v) for k, v in families.items()}, samples
+
+
+def check_histogram(family, label, series):
+    """'series' are the samples of one histogram 'family' (with 'label' on
+    each, or None): per label value, cumulative buckets with increasing
+    bounds ending at +Inf, whose last equals _count, and a _sum. Returns the
+    bucket bounds and {label value: count}."""
+    by_value = {}
+    for _, name, labels, value in series:
+        key = labels.pop(label) if label else None
+        by_value.setdefault(key, []).append((name[len(family):], labels, value))
+    bounds, counts = None, {}
+    for key, rows in by_value.items():
+        buckets = [(r[1], r[2]) for r in rows if r[0] == "_bucket"]
+        assert all(set(lb) == {"le"} for lb, _ in buckets), (family, key, buckets)
+        les = [lb["le"] for lb, _ in buckets]
+        assert les[-1] == "+Inf" and len(les) > 1, (family, key, les)
+        values = [float(le) for le in les[:-1]]
+        assert values == sorted(set(values)) and values[0] > 0, (family, key, les)
+        assert bounds in (None, les), "%s: the buckets of %r differ" % (family, key)
+        bounds = les
+        cumulative = [v for _, v in buckets]
+        assert cumulative == sorted(cumulative), (family, key, cumulative)
+        rest = [(r[0], r[1]) for r in rows if r[0] != "_bucket"]
+        assert rest == [("_sum", {}), ("_count", {})], (family, key, rest)
+        total, count = rows[-2][2], rows[-1][2]
+        assert count == cumulative[-1] and total >= 0, (family, key, rows)
+        counts[key] = count
+    return bounds, counts
 
 
 def test_metrics_exposition(server):
@@ -128,17 +198,35 @@ def test_metrics_exposition(server):
     check_common(status, headers, body, 200, PROMETHEUS)
     families, samples = parse_exposition(body.decode())
     assert {name: kind for name, (kind, _) in families.items()} == {k: v[0] for k, v in FAMILIES.items()}
+    histogram_bounds = []
     for name, (kind, labels) in FAMILIES.items():
         mine = [s for s in samples if s[0] == name]
-        if labels is None:
-            assert [(s[1], s[2]) for s in mine] == [(None, None)], name
-        else:
-            assert {s[1] for s in mine} == {labels[0]}, name
-            assert sorted(s[2] for s in mine) == sorted(labels[1]), name
         assert all(s[3] >= 0 for s in mine)
-    assert all(v == int(v) for name, _, _, v in samples if name != "arqonbus_start_time_seconds")
+        if kind == "histogram":
+            bounds, counts = check_histogram(name, labels and labels[0], mine)
+            assert set(counts) == (labels[1] if labels else {None}), (name, counts)
+            assert all(c == 0 for c in counts.values()), (name, counts)  # nothing was routed or run yet
+            histogram_bounds.append(bounds)
+        elif labels is None:
+            assert [(s[1], s[2]) for s in mine] == [(name, {})], name
+        else:
+            assert all(s[1] == name and set(s[2]) == {labels[0]} for s in mine), name
+            assert sorted(s[2][labels[0]] for s in mine) == sorted(labels[1]), name
+    for bounds in histogram_bounds:
+        assert [float(le) for le in bounds] == BUCKETS + [float("inf")], bounds
+    assert all(v == int(v) for family, name, _, v in samples
+               if family != "arqonbus_start_time_seconds" and not name.endswith("_sum"))
     start = server_start(server)
     assert time.time() - 600 < start <= time.time()
+    # A fresh server: no clients, the bootstrap channels and the telemetry
+    # and dashboard channels (room integriguard), nothing in history, memory
+    # storage up, and the process figures.
+    m = server.metrics()
+    assert (m["arqonbus_clients"], m["arqonbus_rooms"], m["arqonbus_channels"], m["arqonbus_history_messages"],
+            m['arqonbus_storage_up{backend="memory"}'], m["arqonbus_telemetry_clients"]) == \
+        (0, 2, len(BOOTSTRAP) + 2, 0, 1, 0), m
+    assert m["arqonbus_process_resident_memory_bytes"] > 1 << 20
+    assert 3 < m["arqonbus_process_open_fds"] <= m["arqonbus_process_max_fds"]
 
 
 def test_metrics_count_requests_and_traffic(server):
@@ -169,10 +257,14 @@ def test_metrics_count_requests_and_traffic(server):
     m = server.metrics()
     assert m["arqonbus_http_requests_total"] == again["arqonbus_http_requests_total"] + 5
     assert m["arqonbus_connections_opened_total"] == before["arqonbus_connections_opened_total"] + 1
-    # Received: the four data messages (the close frame is not one).
-    assert m["arqonbus_messages_received_total"] == before["arqonbus_messages_received_total"] + 4
+    # Received: the four data messages (the close frame is not one), two of
+    # them not envelopes.
+    assert type_deltas(before, m, "arqonbus_messages_received_total") == {"event": 1, "command": 1, "invalid": 2}
     # Delivered: every envelope queued, welcome, echo, reply and both errors.
-    assert m["arqonbus_messages_delivered_total"] == before["arqonbus_messages_delivered_total"] + 5
+    assert type_deltas(before, m, "arqonbus_messages_delivered_total") == {"system": 2, "event": 1, "error": 2}
+    errors = {k: m[k] - before[k] for k in m if k.startswith("arqonbus_errors_total{") and m[k] != before[k]}
+    assert errors == {'arqonbus_errors_total{code="unsupported_frame"}': 1,
+                      'arqonbus_errors_total{code="invalid_json"}': 1}, errors
     # Bytes: in, everything the client sent after its upgrade request (four
     # frames and an 8-byte close frame); out, everything it received, the
     # 101 response and the 4-byte close frame included.
@@ -215,8 +307,9 @@ def test_metrics_count_replaced_and_malformed_closes(server):
     assert delta["arqonbus_slow_consumer_closes_total"] == 0
     # Received: the ping and the 10 malformed messages; delivered: three
     # welcomes, the pong and ten errors.
-    assert delta["arqonbus_messages_received_total"] == 11
-    assert delta["arqonbus_messages_delivered_total"] == 3 + 1 + 10
+    assert type_deltas(before, m, "arqonbus_messages_received_total") == {"command": 1, "invalid": 10}
+    assert type_deltas(before, m, "arqonbus_messages_delivered_total") == {"system": 3 + 1, "error": 10}
+    assert delta["arqonbus_malformed_closes_total"] == 1
 
 
 # ---- errors --------------------------------------------------------------------
@@ -323,6 +416,8 @@ def test_connections_gauge_follows_connects_and_disconnects(server):
             # Every bus client has its welcome (read, so that closing a
             # socket below sends a FIN, not a reset for unread data).
             for ws in bus:
+                read_welcome(ws, 5 * SLOW)
+            for ws in telemetry:  # monitoring clients get a welcome of their own
                 read_welcome(ws, 5 * SLOW)
             for ws in py:
                 welcome = check(await asyncio.wait_for(ws.recv(), 5 * SLOW))

@@ -32,9 +32,13 @@ from busprobe import (bus_serves, connect_paths, echo_bus, echo_roundtrip, expec
 from conftest import SLOW, Server
 from envelopes import BOOTSTRAP, Bus, check, query
 from rawws import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWS, close_payload, frame, upgrade_request)
-from wsutil import closed_by_reason, closed_total, connect_many, http_request, read_messages, reset
+from wsutil import closed_by_reason, closed_total, connect_many, http_request, read_messages, reset, type_deltas
 
 SHUTDOWN = (1001, "server shutting down")
+# Every kind of telemetry event, in the order a monitoring client's welcome lists them.
+TELEMETRY_EVENTS = ["client_connected", "client_disconnected", "channel_created", "channel_deleted", "client_joined",
+                    "client_left", "command_executed", "error", "protocol_violation", "slow_consumer", "stats",
+                    "client_telemetry", "agent_activity"]
 
 
 def health(server):
@@ -50,6 +54,15 @@ def echo_works(server):
 
 def is_welcome(env):
     return env["type"] == "system" and env["payload"].get("event") == "welcome"
+
+
+def read_telemetry_welcome(ws, events, timeout):
+    """Reads and checks the welcome a monitoring client gets first: a system
+    envelope that lists the kinds of event it will get ('events')."""
+    env = read_welcome(ws, timeout)
+    assert env["payload"]["events"] == events, env
+    assert "room" not in env and "channel" not in env and "eventType" not in env, env
+    return env
 
 
 # ---- the banner -------------------------------------------------------------------
@@ -117,9 +130,13 @@ def test_banner_on_stdout_says_where_it_listens(log_format):
 def test_signal_closes_every_client_with_1001_and_exits_0(make_server, sig):
     drain = 3
     server = make_server(args=["--close-timeout", "30s", "--drain-timeout", "%ds" % drain])
-    raws = connect_many(server.port, 3) + connect_many(server.telemetry_port, 1)
+    # The monitoring client asks only for events that do not happen here, so
+    # that after its welcome it is due nothing but the close.
+    quiet = ["protocol_violation", "slow_consumer"]
+    raws = connect_many(server.port, 3) + connect_many(server.telemetry_port, 1, path="/?events=" + ",".join(quiet))
     for ws in raws[:3]:
         read_welcome(ws, 5 * SLOW)
+    read_telemetry_welcome(raws[3], quiet, 5 * SLOW)
 
     async def run():
         libs = [await websockets.connect(server.url, open_timeout=5 * SLOW, ping_interval=None) for _ in range(2)]
@@ -286,7 +303,9 @@ def test_a_thousand_connect_disconnect_cycles(server):
     s = status(server.port, 5 * SLOW)
     assert s["clients"]["total"] == 1, s
     assert s["clients"]["by_type"] == {"human": 1, "ai-agent": 0, "dashboard": 0, "service": 0}, s
-    assert (s["rooms"], s["channels"]) == (2, len(BOOTSTRAP) + n), s
+    # Rooms: science (the bootstrap channels), integriguard (the telemetry and
+    # dashboard channels) and churn.
+    assert (s["rooms"], s["channels"]) == (3, len(BOOTSTRAP) + 2 + n), s
     assert s["you"]["subscriptions"] == [], s
     # Delivered: the n welcomes and the asker's; received: the status command.
     assert (s["messages"]["received"], s["messages"]["delivered"]) == (1, n + 1), s
@@ -468,25 +487,38 @@ def test_vanished_client_leaves_every_channel_it_joined(server, how):
 
 # ---- telemetry port ----------------------------------------------------------------
 
-def test_telemetry_port_takes_websocket_clients(server):
+def test_telemetry_port_takes_websocket_clients(make_server):
+    # No periodic stats: what the monitoring client gets is only what the test does.
+    server = make_server(args=["--telemetry-stats-interval", "0"])
     # A plain TCP connection is accepted.
     with socket.create_connection(("127.0.0.1", server.telemetry_port), timeout=5 * SLOW):
         pass
     with echo_bus(server.port, timeout=5 * SLOW) as bus, RawWS(server.telemetry_port) as tele:
         assert health(server)["connections"] == 2
-        # No welcome there. Pings are answered; messages sent there go
-        # nowhere: not back to the sender (the pong comes next) and not to the
-        # bus, even an envelope for a channel a bus client is in.
+        before = server.metrics()
+        # Its welcome lists every kind of event (it asked for no subset).
+        read_telemetry_welcome(tele, TELEMETRY_EVENTS, 5 * SLOW)
+        # Pings are answered; messages sent there go nowhere: not back to the
+        # sender (the pong comes next) and not to the bus, even an envelope
+        # for a channel a bus client is in.
         tele.send_frame(OP_TEXT, json.dumps({"type": "event", "room": "t", "channel": "echo",
                                              "payload": {"data": "into telemetry"}}))
         tele.send_frame(OP_PING, "t")
         assert tele.recv_frame() == (True, OP_PONG, b"t")
         echo_roundtrip(bus, "on the bus")
-        # Bus messages are not sent to telemetry clients either.
+        # Bus messages are not sent to telemetry clients either (an event
+        # of a human client is no telemetry event).
         tele.send_frame(OP_PING, "u")
         assert tele.recv_frame() == (True, OP_PONG, b"u")
         tele.send_frame(OP_CLOSE, close_payload(1000))
-        assert tele.expect_close(5 * SLOW) == (1000, "")
+        skipped = []
+        assert tele.expect_close(5 * SLOW, skipped=skipped) == (1000, "")
+        assert skipped == [], skipped
         tele.wait_eof(5 * SLOW)
         bus.expect_nothing(0.2)
+        # The bus counted the echoed event alone, not the message sent to the
+        # telemetry port.
+        after = server.metrics()
+        assert type_deltas(before, after, "arqonbus_messages_received_total") == {"event": 1}
+        assert type_deltas(before, after, "arqonbus_messages_delivered_total") == {"event": 1}
     server.wait_metric("arqonbus_connections", lambda v: v == 0)

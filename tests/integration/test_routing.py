@@ -20,6 +20,11 @@ from conftest import SLOW
 from envelopes import BOOTSTRAP, Bus, error_code
 from wsutil import reset
 
+# The telemetry and dashboard channels always exist too, like bootstrap
+# channels; with the bootstrap ones, the channels that are always listed.
+SPECIAL = ["integriguard:telemetry-stream", "integriguard:dashboard-events"]
+ALWAYS = sorted(BOOTSTRAP + SPECIAL)
+
 
 def drain(bus):
     """The envelopes that reach 'bus' before the answer to a ping it sends now."""
@@ -251,7 +256,7 @@ def test_ordering_within_a_channel(server):
 
 def test_channels_are_created_on_demand(server):
     a = Bus(server.port)
-    assert listed(a) == sorted(BOOTSTRAP)
+    assert listed(a) == ALWAYS
     # By joining.
     r = a.command("join_channel", {"room": "lab", "channel": "bench"})
     assert r["payload"]["created"] is True
@@ -260,12 +265,12 @@ def test_channels_are_created_on_demand(server):
     # With create_channel.
     assert a.command("create_channel", {"room": "lab", "channel": "shelf"})["type"] == "system"
     keys = listed(a)
-    assert keys == sorted(BOOTSTRAP + ["lab:bench", "lab:shelf", "ops:alerts"])
+    assert keys == sorted(ALWAYS + ["lab:bench", "lab:shelf", "ops:alerts"])
     assert listed(a, "lab") == ["lab:bench", "lab:shelf"]
     info = a.command("channel_info", {"room": "ops", "channel": "alerts"})["payload"]
     assert info["members"] == 0 and info["messages"] == 1 and info["bootstrap"] is False
     st = a.command("status")["payload"]
-    assert st["rooms"] == 3 and st["channels"] == len(BOOTSTRAP) + 3
+    assert st["rooms"] == 4 and st["channels"] == len(ALWAYS) + 3  # science, integriguard, lab, ops
 
 
 def test_channel_ttl_0_removes_an_emptied_channel_at_once(make_server):
@@ -296,7 +301,7 @@ def test_channel_ttl_0_removes_an_emptied_channel_at_once(make_server):
     # Bootstrap channels are never removed.
     a.join("science:share")
     a.command("leave_channel", {"room": "science", "channel": "share"})
-    assert listed(a) == sorted(BOOTSTRAP)
+    assert listed(a) == ALWAYS
 
 
 def test_channel_ttl_keeps_an_empty_channel_then_removes_it(make_server):
@@ -314,26 +319,32 @@ def test_channel_ttl_keeps_an_empty_channel_then_removes_it(make_server):
     assert error_code(a.command("channel_info", {"room": "lab", "channel": "slow"})) == "not_found"
     hist = a.command("history", {"room": "lab", "channel": "slow"})["payload"]
     assert hist["messages"] == [] and hist["count"] == 0
-    assert listed(a) == sorted(BOOTSTRAP)
+    assert listed(a) == ALWAYS
 
 
 def test_bootstrap_channels_always_listed(make_server):
     s = make_server(args=["--channel-ttl", "0"])
     a = Bus(s.port)
     r = a.command("list_channels")["payload"]
-    assert [(c["room"], c["channel"]) for c in r["channels"]] == [tuple(k.split(":")) for k in sorted(BOOTSTRAP)]
+    assert [(c["room"], c["channel"]) for c in r["channels"]] == [tuple(k.split(":")) for k in ALWAYS]
     assert all(c["bootstrap"] is True and c["members"] == 0 for c in r["channels"])
-    for key in BOOTSTRAP:
+    for key in ALWAYS:
         room, ch = key.split(":")
         err = a.command("delete_channel", {"room": room, "channel": ch})
         assert error_code(err) == "forbidden", err
-    assert listed(a) == sorted(BOOTSTRAP)
+    # Joined and left with channel_ttl 0, they stay too.
+    for key in SPECIAL:
+        a.join(key)
+        left = a.command("leave_channel", dict(zip(("room", "channel"), key.split(":"))))
+        assert left["type"] == "system" and left["payload"]["members"] == 0, left
+    assert listed(a) == ALWAYS
 
 
 def test_custom_bootstrap_channels(make_server):
     s = make_server(args=["--bootstrap-channels", "ops:alerts,lab:bench,lab:attic", "--channel-ttl", "0"])
     a = Bus(s.port)
-    assert listed(a) == ["lab:attic", "lab:bench", "ops:alerts"]
+    # The telemetry and dashboard channels are not on the list, and exist all the same.
+    assert listed(a) == sorted(["lab:attic", "lab:bench", "ops:alerts"] + SPECIAL)
     info = a.command("channel_info", {"room": "lab", "channel": "bench"})["payload"]
     assert info["bootstrap"] is True and info["members"] == 0
     assert error_code(a.command("delete_channel", {"room": "ops", "channel": "alerts"})) == "forbidden"
@@ -343,4 +354,4 @@ def test_custom_bootstrap_channels(make_server):
     a.command("leave_channel", {"room": "science", "channel": "explore"})
     a.join("lab:bench")
     a.command("leave_channel", {"room": "lab", "channel": "bench"})
-    assert listed(a) == ["lab:attic", "lab:bench", "ops:alerts"]
+    assert listed(a) == sorted(["lab:attic", "lab:bench", "ops:alerts"] + SPECIAL)

@@ -7,7 +7,8 @@ and reads a set of connections together with a selector: read_messages
 returns the raw data messages, read_envelopes the protocol v1 envelopes,
 each checked against the published schema (envelopes.check). It also has a
 one-shot raw HTTP client for the ops port (urllib cannot send a malformed
-request) and a way to end a TCP connection with a reset.
+request), a way to end a TCP connection with a reset, and readers of the
+labelled counters of /metrics.
 """
 import os
 import selectors
@@ -253,3 +254,18 @@ def closed_by_reason(metrics):
         if k.startswith('arqonbus_connections_closed_total{reason="'):
             out[k.split('"')[1]] = v
     return out
+
+
+def by_type(metrics, family):
+    """{type: value} of 'family', a counter labelled by envelope type
+    (arqonbus_messages_received_total, arqonbus_messages_delivered_total)."""
+    prefix = family + '{type="'
+    return {k[len(prefix):-2]: v for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def type_deltas(before, after, family):
+    """How 'family' moved, by type, between two metrics snapshots: {type:
+    delta} of each type whose count changed."""
+    b, a = by_type(before, family), by_type(after, family)
+    assert a, "no %s{type=...} series in /metrics" % family
+    return {t: a[t] - b.get(t, 0) for t in a if a[t] != b.get(t, 0)}

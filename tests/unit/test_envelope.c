@@ -117,6 +117,7 @@ static void test_short_command(void **state) {
   assert_null(e.to);
   assert_null(e.timestamp);
   assert_null(e.correlation_id);
+  assert_null(e.event_type);
   assert_null(arq_env_extra(&e));
   arq_env_free(&e);
   assert_null(e.root);
@@ -155,12 +156,20 @@ static void test_all_types_parse(void **state) {
   static const char *const names[] = {"event", "system", "command", "private", "telemetry", "error"};
   for (int t = 0; t < ARQ_MSG_NTYPES; t++) {
     char json[256];
-    const char *extra = t == ARQ_MSG_COMMAND ? ",'command':'ping'" : t == ARQ_MSG_PRIVATE ? ",'to':['bob']" : "";
+    /* Each with the fields its type requires. */
+    const char *extra = t == ARQ_MSG_COMMAND     ? ",'command':'ping'"
+                        : t == ARQ_MSG_PRIVATE   ? ",'to':['bob']"
+                        : t == ARQ_MSG_TELEMETRY ? ",'eventType':'cpu','payload':{}"
+                                                 : "";
     snprintf(json, sizeof json, "{'type':'%s'%s}", names[t], extra);
     arq_env_t e;
     parse_ok(&e, json);
     assert_int_equal(e.type, t);
     assert_string_equal(arq_msg_type_name(e.type), names[t]);
+    if (t == ARQ_MSG_TELEMETRY)
+      assert_string_equal(e.event_type, "cpu");
+    else
+      assert_null(e.event_type);
     arq_env_free(&e);
   }
   assert_string_equal(arq_msg_type_name(ARQ_MSG_NTYPES), "?");
@@ -488,6 +497,134 @@ static void test_command_field(void **state) {
   fail_json("{'type':'private','to':['bob'],'command':'ping'}", ARQ_CODE_INVALID_ENVELOPE);
 }
 
+/* ---- telemetry: eventType ---- */
+
+static void test_telemetry_needs_event_type_and_payload(void **state) {
+  arq_env_t e;
+  parse_ok(&e, "{'type':'telemetry','eventType':'cpu_load','payload':{'cpu':0.5}}");
+  assert_int_equal(e.type, ARQ_MSG_TELEMETRY);
+  assert_string_equal(e.event_type, "cpu_load");
+  assert_non_null(e.payload);
+  assert_true(json_real_value(json_object_get(e.payload, "cpu")) == 0.5);
+  assert_null(arq_env_extra(&e));
+  arq_env_free(&e);
+  /* With the optional fields of any envelope; the target is parsed as usual
+   * (the bus decides where telemetry goes). */
+  parse_ok(&e, "{'version':'1.0','id':'arq_t1','type':'telemetry','eventType':'x','channel':'science:general',"
+               "'from':'someone','payload':{},'metadata':{'host':'h1'},'timestamp':'2026-01-31T12:00:00Z',"
+               "'correlation_id':'c1'}");
+  assert_string_equal(e.event_type, "x");
+  assert_string_equal(e.room, "science");
+  assert_string_equal(e.channel, "general");
+  assert_string_equal(e.id, "arq_t1");
+  arq_env_free(&e);
+  /* The empty object is a payload. */
+  parse_ok(&e, "{'eventType':'x','payload':{},'type':'telemetry'}");
+  assert_string_equal(e.event_type, "x");
+  arq_env_free(&e);
+
+  static const char *const bad[] = {
+      "{'type':'telemetry'}",
+      "{'type':'telemetry','payload':{'cpu':1}}",          /* no eventType */
+      "{'type':'telemetry','eventType':'cpu'}",            /* no payload */
+      "{'type':'telemetry','eventType':'cpu','payload':null}",
+      "{'type':'telemetry','eventType':'cpu','payload':[]}",
+      "{'type':'telemetry','eventType':'cpu','payload':'x'}",
+      "{'type':'telemetry','eventType':'cpu','payload':1}",
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    char json[256];
+    snprintf(json, sizeof json, "%.*s,'id':'arq_tel%zu'}", (int)strlen(bad[i]) - 1, bad[i], i);
+    print_message("%s\n", json);
+    arq_env_error_t err = fail_json(json, ARQ_CODE_INVALID_ENVELOPE);
+    char want[32];
+    snprintf(want, sizeof want, "arq_tel%zu", i);
+    assert_string_equal(err.correlation_id, want);
+    assert_true(utf8_ok(err.message));
+  }
+  /* The message says what is missing. */
+  arq_env_error_t err = fail_json("{'type':'telemetry','payload':{}}", ARQ_CODE_INVALID_ENVELOPE);
+  assert_non_null(strstr(err.message, "eventType"));
+  err = fail_json("{'type':'telemetry','eventType':'cpu'}", ARQ_CODE_INVALID_ENVELOPE);
+  assert_non_null(strstr(err.message, "payload"));
+}
+
+static void test_event_type_only_on_telemetry(void **state) {
+  static const char *const bad[] = {
+      "{'type':'event','eventType':'cpu'}",
+      "{'type':'event','room':'science','channel':'general','eventType':'cpu','payload':{}}",
+      "{'type':'command','command':'ping','eventType':'cpu'}",
+      "{'type':'private','to':['bob'],'eventType':'cpu'}",
+      "{'type':'system','eventType':'cpu','payload':{}}",
+      "{'type':'error','eventType':'cpu','payload':{}}",
+      "{'version':'1.1','type':'event','eventType':'cpu'}", /* a known field, also in 1.y */
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    print_message("%s\n", bad[i]);
+    arq_env_error_t err = fail_json(bad[i], ARQ_CODE_INVALID_ENVELOPE);
+    assert_non_null(strstr(err.message, "eventType"));
+  }
+  /* Case matters: "eventtype" is an unknown field in 1.0, an extra in 1.1. */
+  fail_json("{'type':'telemetry','eventtype':'cpu','payload':{}}", ARQ_CODE_INVALID_ENVELOPE);
+  fail_json("{'type':'event','event_type':'cpu'}", ARQ_CODE_INVALID_ENVELOPE);
+}
+
+/* eventType follows the room and channel name rule: 1-64 bytes of
+ * A-Z a-z 0-9 _ - ., starting with a letter or digit. */
+static void test_event_type_name_rule(void **state) {
+  char *e64 = repeat('e', 64), *e65 = repeat('e', 65);
+  const char *const ok[] = {"a", "Z", "0", "cpu.load-1_x", "9lives", "A.B.C", e64};
+  for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+    char json[256];
+    snprintf(json, sizeof json, "{'type':'telemetry','eventType':'%s','payload':{}}", ok[i]);
+    arq_env_t e;
+    parse_ok(&e, json);
+    assert_string_equal(e.event_type, ok[i]);
+    arq_env_free(&e);
+  }
+  const char *const bad[] = {"",    "_x",  "-x",  ".x",  "a b", "a:b", "a/b", "a@b", "a\\tb", " a",
+                             "a ",  "\xc3\xa9", "a\xc3\xa9", "a\\u00e9", "\\u0041\\u0020", e65};
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    char json[256];
+    snprintf(json, sizeof json, "{'id':'arq_n','type':'telemetry','eventType':'%s','payload':{}}", bad[i]);
+    print_message("%s\n", json);
+    arq_env_error_t err = fail_json(json, ARQ_CODE_INVALID_ENVELOPE);
+    assert_string_equal(err.correlation_id, "arq_n");
+    assert_non_null(strstr(err.message, "eventType"));
+    assert_true(utf8_ok(err.message));
+  }
+  /* Not a string. */
+  static const char *const types[] = {"7", "null", "true", "['cpu']", "{'a':1}", "1.5"};
+  for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
+    char json[256];
+    snprintf(json, sizeof json, "{'type':'telemetry','eventType':%s,'payload':{}}", types[i]);
+    arq_env_error_t err = fail_json(json, ARQ_CODE_INVALID_ENVELOPE);
+    assert_non_null(strstr(err.message, "eventType"));
+  }
+  /* The rule holds in 1.y envelopes too. */
+  fail_json("{'version':'1.1','type':'telemetry','eventType':'bad name','payload':{}}", ARQ_CODE_INVALID_ENVELOPE);
+  free(e64);
+  free(e65);
+}
+
+/* An escaped NUL may not hide in eventType (it would cut the name short
+ * wherever the server treats it as a C string). */
+static void test_event_type_nul(void **state) {
+  static const char *const bad[] = {"cp\\u0000u", "cpu\\u0000", "\\u0000", "\\u0000cpu"};
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    char json[256];
+    snprintf(json, sizeof json, "{'type':'telemetry','eventType':'%s','payload':{}}", bad[i]);
+    print_message("%s\n", json);
+    arq_env_error_t err = fail_json(json, ARQ_CODE_INVALID_ENVELOPE);
+    assert_non_null(strstr(err.message, "eventType"));
+  }
+  /* In the payload a NUL is forwarded as it is. */
+  arq_env_t e;
+  parse_ok(&e, "{'type':'telemetry','eventType':'cpu','payload':{'m':'a\\u0000b'}}");
+  assert_int_equal(json_string_length(json_object_get(e.payload, "m")), 3);
+  arq_env_free(&e);
+}
+
 /* ---- ids and timestamps ---- */
 
 static void test_valid_ids(void **state) {
@@ -742,6 +879,53 @@ static void test_build_leaves_out_empty(void **state) {
   json_decref(obj);
 }
 
+/* eventType comes right after type, before the target and the sender. */
+static void test_build_event_type(void **state) {
+  json_t *payload = json_pack("{s:f}", "cpu", 0.5);
+  arq_env_out_t o = {.type = ARQ_MSG_TELEMETRY,
+                     .id = "arq_t",
+                     .room = "integriguard",
+                     .channel = "telemetry-stream",
+                     .from = "alice",
+                     .event_type = "cpu_load",
+                     .payload = payload,
+                     .timestamp = "2026-01-31T12:00:00.000Z"};
+  json_t *obj = arq_env_build(&o);
+  json_decref(payload);
+  char *s = dump(obj);
+  json_decref(obj);
+  assert_string_equal(s, "{\"version\":\"1.0\",\"id\":\"arq_t\",\"type\":\"telemetry\",\"eventType\":\"cpu_load\","
+                         "\"room\":\"integriguard\",\"channel\":\"telemetry-stream\",\"from\":\"alice\","
+                         "\"payload\":{\"cpu\":0.5},\"timestamp\":\"2026-01-31T12:00:00.000Z\"}");
+  /* What the server builds parses again, eventType included. */
+  arq_env_t back;
+  arq_env_error_t err;
+  assert_int_equal(parse_bytes(&back, s, strlen(s), &err), 0);
+  assert_int_equal(back.type, ARQ_MSG_TELEMETRY);
+  assert_string_equal(back.event_type, "cpu_load");
+  assert_string_equal(back.room, "integriguard");
+  assert_string_equal(back.channel, "telemetry-stream");
+  arq_env_free(&back);
+  free(s);
+
+  /* Without a target: eventType still right after type. */
+  arq_env_out_t bare = {.type = ARQ_MSG_TELEMETRY, .id = "arq_u", .event_type = "client_connected"};
+  obj = arq_env_build(&bare);
+  s = dump(obj);
+  json_decref(obj);
+  assert_string_equal(s, "{\"version\":\"1.0\",\"id\":\"arq_u\",\"type\":\"telemetry\","
+                         "\"eventType\":\"client_connected\",\"payload\":{}}");
+  free(s);
+
+  /* NULL or "" leaves it out, like every other field. */
+  arq_env_out_t none = {.type = ARQ_MSG_EVENT, .id = "arq_v", .event_type = ""};
+  obj = arq_env_build(&none);
+  s = dump(obj);
+  json_decref(obj);
+  assert_string_equal(s, "{\"version\":\"1.0\",\"id\":\"arq_v\",\"type\":\"event\",\"payload\":{}}");
+  free(s);
+}
+
 static void test_build_minor_and_extra(void **state) {
   json_t *extra = json_pack("{s:s, s:i}", "colour", "blue", "z", 3);
   arq_env_out_t o = {.type = ARQ_MSG_EVENT, .minor = 3, .id = "arq_2", .extra = extra};
@@ -977,6 +1161,10 @@ int main(void) {
       cmocka_unit_test(test_oversized_names),
       cmocka_unit_test(test_private_recipients),
       cmocka_unit_test(test_command_field),
+      cmocka_unit_test(test_telemetry_needs_event_type_and_payload),
+      cmocka_unit_test(test_event_type_only_on_telemetry),
+      cmocka_unit_test(test_event_type_name_rule),
+      cmocka_unit_test(test_event_type_nul),
       cmocka_unit_test(test_valid_ids),
       cmocka_unit_test(test_invalid_ids),
       cmocka_unit_test(test_bad_id_in_envelope),
@@ -987,6 +1175,7 @@ int main(void) {
       cmocka_unit_test(test_depth_limit),
       cmocka_unit_test(test_build_field_order),
       cmocka_unit_test(test_build_leaves_out_empty),
+      cmocka_unit_test(test_build_event_type),
       cmocka_unit_test(test_build_minor_and_extra),
       cmocka_unit_test(test_build_round_trip),
       cmocka_unit_test(test_frame_lengths),
