@@ -9,7 +9,7 @@ DEBS=(
   libuv1-dev node-llhttp libssl-dev libjansson-dev libhiredis-dev
   libyaml-dev libjwt-dev uthash-dev libcmocka-dev
   python3 python3-pytest python3-websockets python3-redis python3-jsonschema
-  prometheus
+  prometheus redis-server
   nodejs npm
 )
 

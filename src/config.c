@@ -32,6 +32,7 @@
 
 #include "bus/names.h"
 #include "obs/log.h"
+#include "store/redis_url.h"
 #include "util/alloc.h"
 #include "util/err.h"
 
@@ -56,6 +57,7 @@ typedef enum {
   T_CHANNELS, /* char *: comma-separated room:channel names, may be empty */
   T_IDS,      /* char *: comma-separated client ids, may be empty */
   T_CHANNEL,  /* char *: one room:channel name, or empty */
+  T_REDIS,    /* char *: a redis:// URL, or empty */
 } kind_t;
 
 typedef struct setting {
@@ -130,6 +132,10 @@ static const setting_t settings[] = {
      "most bytes queued to one telemetry client; events beyond it are dropped for that client and counted"},
     {"stats_log_interval", T_DURATION, U64(stats_log_interval_ms), 0, 24 * HOUR, "60s",
      "how often a stats line is logged; 0 turns it off"},
+    {"redis_url", T_REDIS, STR(redis_url), 0, 0, "",
+     "Redis to connect to, redis://[:password@]host[:port][/db]; empty runs in memory only"},
+    {"redis_timeout", T_DURATION, U64(redis_timeout_ms), 1, 60 * MIN, "2s",
+     "how long Redis may leave a request unanswered before the connection counts as lost"},
 };
 
 #define NSETTINGS (sizeof settings / sizeof settings[0])
@@ -285,6 +291,9 @@ static void expected(const setting_t *s, char *buf, size_t cap) {
   case T_CHANNEL:
     snprintf(buf, cap, "one room:channel name (names: 1-64 of A-Z a-z 0-9 _ - .), or empty");
     break;
+  case T_REDIS:
+    snprintf(buf, cap, "redis://[:password@]host[:port][/db], or empty");
+    break;
   }
 }
 
@@ -417,6 +426,15 @@ static int set_value(arq_config_t *c, const setting_t *s, const char *text, cons
     *(char **)field = list;
     return 0;
   }
+  case T_REDIS: {
+    arq_redis_url_t u;
+    char why[160];
+    if (text[0] && arq_redis_parse_url(text, &u, why, sizeof why) != 0)
+      goto invalid;
+    arq_free(*(char **)field);
+    *(char **)field = arq_strdup(text);
+    return 0;
+  }
   case T_LOGFMT:
     if (strcasecmp(text, "logfmt") == 0)
       *(arq_logfmt_t *)field = ARQ_LOGFMT_LOGFMT;
@@ -458,6 +476,8 @@ void arq_config_free(arq_config_t *c) {
   c->telemetry_channel = NULL;
   arq_free(c->dashboard_channel);
   c->dashboard_channel = NULL;
+  arq_free(c->redis_url);
+  c->redis_url = NULL;
 }
 
 /* ---- the YAML file ------------------------------------------------------ */
@@ -845,6 +865,8 @@ static const char *metavar(kind_t kind) {
     return "LIST";
   case T_CHANNEL:
     return "CHANNEL";
+  case T_REDIS:
+    return "URL";
   }
   return "VALUE";
 }

@@ -49,6 +49,8 @@ typedef struct arq_config {
   uint64_t telemetry_stats_interval_ms; /* stats snapshots to telemetry clients, 0 off */
   uint64_t telemetry_queue;      /* bytes queued to one telemetry client before drops */
   uint64_t stats_log_interval_ms;/* the stats log line, 0 off */
+  char *redis_url;               /* "" for memory only */
+  uint64_t redis_timeout_ms;     /* an unanswered Redis request ends the connection */
   char *config_file;             /* the file read, NULL when none */
 } arq_config_t;
 

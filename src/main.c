@@ -65,8 +65,8 @@ int main(int argc, char **argv) {
   }
   arq_log(ARQ_LOG_INFO, "server", "listening", ARQ_LS("version", ARQ_VERSION), ARQ_LS("host", cfg.host),
           ARQ_LI("port", cfg.port), ARQ_LI("telemetry_port", cfg.telemetry_port),
-          ARQ_LI("http_port", cfg.http_port), ARQ_LS("storage", "memory"));
-  printf("ArqonBus %s is running (in-memory mode).\n"
+          ARQ_LI("http_port", cfg.http_port), ARQ_LS("storage", cfg.redis_url[0] ? "redis" : "memory"));
+  printf("ArqonBus %s is running (%s).\n"
          "  WebSocket bus   ws://%s:%d\n"
          "  Telemetry       ws://%s:%d\n"
          "  HTTP ops        http://%s:%d/health  /version  /metrics\n"
@@ -74,8 +74,8 @@ int main(int argc, char **argv) {
          "and send:  {\"type\":\"command\",\"command\":\"join_channel\",\"room\":\"science\",\"channel\":\"explore\"}\n"
          "           {\"type\":\"event\",\"room\":\"science\",\"channel\":\"explore\",\"payload\":{\"message\":\"hello\"}}\n"
          "Stop with Ctrl-C.\n",
-         ARQ_VERSION, cfg.host, cfg.port, cfg.host, cfg.telemetry_port, cfg.host, cfg.http_port, cfg.host,
-         cfg.port);
+         ARQ_VERSION, cfg.redis_url[0] ? "Redis connection; history in memory" : "in-memory mode", cfg.host,
+         cfg.port, cfg.host, cfg.telemetry_port, cfg.host, cfg.http_port, cfg.host, cfg.port);
   fflush(stdout);
   uv_run(&loop, UV_RUN_DEFAULT);
   arq_log(ARQ_LOG_INFO, "server", "stopped");

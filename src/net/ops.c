@@ -10,6 +10,7 @@
 
 #include "bus/names.h"
 #include "net/conn.h"
+#include "store/redis.h"
 #include "obs/log.h"
 #include "util/alloc.h"
 #include "util/time.h"
@@ -28,12 +29,26 @@ static void serve_health(arq_conn_t *c) {
   char body[256];
   uint64_t up = (arq_time_wall_ms() - srv->metrics.start_time_ms) / 1000;
   int n;
-  if (srv->draining)
+  bool degraded = srv->redis && !arq_redis_up(srv->redis);
+  if (srv->draining) {
     n = snprintf(body, sizeof body, "{\"status\":\"shutting_down\",\"reason\":\"the server is draining\"}\n");
-  else
-    n = snprintf(body, sizeof body, "{\"status\":\"ok\",\"uptime_seconds\":%llu,\"connections\":%lld}\n",
-                 (unsigned long long)up, (long long)srv->metrics.connections);
-  reply_json(c, srv->draining ? 503 : 200, body, (size_t)n);
+  } else if (degraded) {
+    /* Live routing goes on; what is degraded is storage. */
+    json_t *j = json_pack("{s:s, s:s, s:s, s:I, s:I}", "status", "degraded", "reason", "redis unreachable",
+                          "detail", arq_redis_error(srv->redis), "uptime_seconds", (json_int_t)up, "connections",
+                          (json_int_t)srv->metrics.connections);
+    char *text = json_dumps(j, JSON_COMPACT);
+    n = snprintf(body, sizeof body, "%s\n", text);
+    free(text);
+    json_decref(j);
+  } else {
+    n = snprintf(body, sizeof body,
+                 "{\"status\":\"ok\",\"uptime_seconds\":%llu,\"connections\":%lld,\"storage\":\"%s\"}\n",
+                 (unsigned long long)up, (long long)srv->metrics.connections, srv->redis ? "redis" : "memory");
+  }
+  if (n < 0 || (size_t)n >= sizeof body)
+    n = (int)sizeof body - 1;
+  reply_json(c, srv->draining || degraded ? 503 : 200, body, (size_t)n);
 }
 
 static void serve_version(arq_conn_t *c) {
@@ -55,7 +70,10 @@ static void serve_metrics(arq_conn_t *c) {
   arq_process_read(&proc);
   size_t cap = 256 * 1024;
   char *body = arq_malloc(cap);
-  size_t n = arq_metrics_render(&srv->metrics, &bus, &proc, srv->ntelemetry, body, cap);
+  arq_storage_state_t storage = {.backend = srv->redis ? "redis" : "memory",
+                                 .up = !srv->redis || arq_redis_up(srv->redis),
+                                 .redis = srv->redis ? arq_redis_stats(srv->redis) : NULL};
+  size_t n = arq_metrics_render(&srv->metrics, &bus, &proc, &storage, srv->ntelemetry, body, cap);
   arq_conn_http_reply(c, 200, "text/plain; version=0.0.4; charset=utf-8", NULL, body, n, ARQ_CLOSE_NORMAL);
   arq_free(body);
 }

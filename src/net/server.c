@@ -14,6 +14,7 @@
 
 #include "net/conn.h"
 #include "net/telemetry.h"
+#include "store/redis.h"
 #include "obs/log.h"
 #include "util/alloc.h"
 #include "util/err.h"
@@ -279,6 +280,8 @@ int arq_server_start(arq_server_t *srv, uv_loop_t *loop, const arq_config_t *cfg
     if (rc != 0)
       return rc;
   }
+  if (cfg->redis_url[0])
+    srv->redis = arq_redis_new(loop, cfg->redis_url, cfg->redis_timeout_ms, NULL, srv);
   uv_timer_start(&srv->tick, on_tick, TICK_MS, TICK_MS);
   uv_check_start(&srv->flush_check, on_check);
   uv_signal_start(&srv->sigint, on_signal, SIGINT);
@@ -306,6 +309,10 @@ static void close_own_handles(arq_server_t *srv) {
   close_handle((uv_handle_t *)&srv->drain_timer);
   close_handle((uv_handle_t *)&srv->sigint);
   close_handle((uv_handle_t *)&srv->sigterm);
+  if (srv->redis) {
+    arq_redis_close(srv->redis); /* freed by its own close callback */
+    srv->redis = NULL;
+  }
 }
 
 void arq_server_conn_gone(arq_server_t *srv) {

@@ -1,6 +1,8 @@
 /* Counters and the Prometheus text exposition (see metrics.h). */
 #include "obs/metrics.h"
 
+#include "store/redis.h"
+
 #include <dirent.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -95,7 +97,7 @@ static void histogram(out_t *o, const char *name, const char *labels, const arq_
 }
 
 size_t arq_metrics_render(const arq_metrics_t *m, const arq_bus_stats_t *bus, const arq_process_t *p,
-                          uint64_t telemetry_clients, char *out, size_t cap) {
+                          const arq_storage_state_t *storage, uint64_t telemetry_clients, char *out, size_t cap) {
   out_t o = {out, cap, 0, 0};
   header(&o, "arqonbus_connections", "gauge", "Open WebSocket connections.");
   emit(&o, "arqonbus_connections %lld\n", (long long)m->connections);
@@ -150,7 +152,17 @@ size_t arq_metrics_render(const arq_metrics_t *m, const arq_bus_stats_t *bus, co
   header(&o, "arqonbus_history_messages", "gauge", "Messages held in history, all channels.");
   emit(&o, "arqonbus_history_messages %llu\n", (unsigned long long)bus->history_messages);
   header(&o, "arqonbus_storage_up", "gauge", "Whether the history backend is available (1) or degraded (0).");
-  emit(&o, "arqonbus_storage_up{backend=\"memory\"} 1\n");
+  emit(&o, "arqonbus_storage_up{backend=\"%s\"} %d\n", storage->backend, storage->up ? 1 : 0);
+  if (storage->redis) {
+    header(&o, "arqonbus_redis_connects_total", "counter", "Connections to Redis established.");
+    emit(&o, "arqonbus_redis_connects_total %llu\n", (unsigned long long)storage->redis->connects);
+    header(&o, "arqonbus_redis_disconnects_total", "counter", "Connections to Redis lost.");
+    emit(&o, "arqonbus_redis_disconnects_total %llu\n", (unsigned long long)storage->redis->disconnects);
+    header(&o, "arqonbus_redis_errors_total", "counter", "Redis commands that failed or got an error reply.");
+    emit(&o, "arqonbus_redis_errors_total %llu\n", (unsigned long long)storage->redis->errors);
+    header(&o, "arqonbus_redis_timeouts_total", "counter", "Redis connections dropped for not answering in time.");
+    emit(&o, "arqonbus_redis_timeouts_total %llu\n", (unsigned long long)storage->redis->timeouts);
+  }
   header(&o, "arqonbus_telemetry_clients", "gauge", "Monitoring clients on the telemetry port.");
   emit(&o, "arqonbus_telemetry_clients %llu\n", (unsigned long long)telemetry_clients);
   header(&o, "arqonbus_telemetry_events_total", "counter", "Telemetry events published to monitoring clients.");

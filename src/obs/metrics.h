@@ -13,6 +13,8 @@
 
 #include "bus/bus.h"
 
+struct arq_redis_stats;
+
 /* Why a connection ended; the label of arqonbus_connections_closed_total. */
 typedef enum {
   ARQ_CLOSE_NORMAL = 0,        /* close handshake the client started */
@@ -62,10 +64,17 @@ typedef struct arq_process {
 /* Fills 'p' from /proc (zeros where unavailable). */
 void arq_process_read(arq_process_t *p);
 
+/* The storage backend's state for the exposition. */
+typedef struct arq_storage_state {
+  const char *backend;                /* "memory" or "redis" */
+  bool up;
+  const struct arq_redis_stats *redis; /* NULL in memory-only mode */
+} arq_storage_state_t;
+
 /* Writes the exposition of 'm', the bus figures 'bus', the process figures
- * 'p' and the telemetry client count into 'out' ('cap' bytes). Returns the
- * length, or 0 when 'cap' is too small. */
+ * 'p', the storage state and the telemetry client count into 'out' ('cap'
+ * bytes). Returns the length, or 0 when 'cap' is too small. */
 size_t arq_metrics_render(const arq_metrics_t *m, const arq_bus_stats_t *bus, const arq_process_t *p,
-                          uint64_t telemetry_clients, char *out, size_t cap);
+                          const arq_storage_state_t *storage, uint64_t telemetry_clients, char *out, size_t cap);
 
 #endif
