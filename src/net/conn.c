@@ -76,6 +76,9 @@ void arq_conn_destroy(arq_conn_t *c, arq_close_reason_t reason) {
     srv->metrics.connections_closed[c->reason]++;
     arq_log(ARQ_LOG_INFO, "net", "client disconnected", ARQ_LI("conn", c->id), ARQ_LS("remote", c->remote),
             ARQ_LS("port", port_names[c->kind]), ARQ_LS("reason", arq_close_reason_name(c->reason)));
+  } else if (c->kind != ARQ_PORT_OPS &&
+             (c->reason == ARQ_CLOSE_HANDSHAKE_FAILED || c->reason == ARQ_CLOSE_HANDSHAKE_TIMEOUT)) {
+    srv->metrics.connections_closed[c->reason]++; /* a refused upgrade ends a connection too */
   }
   uv_close((uv_handle_t *)&c->tcp, on_closed);
 }
@@ -190,9 +193,10 @@ static void push_frame(arq_conn_t *c, uint8_t opcode, const uint8_t *payload, si
 
 static void slow_consumer(arq_conn_t *c) {
   arq_server_t *srv = c->srv;
+  size_t queued = c->outq.bytes;
   srv->metrics.slow_consumer_closes++;
   arq_log(ARQ_LOG_WARN, "net", "slow consumer closed", ARQ_LI("conn", c->id), ARQ_LS("remote", c->remote),
-          ARQ_LI("queued_bytes", c->outq.bytes));
+          ARQ_LI("queued_bytes", queued));
   /* What is not already being written is dropped so the close frame can
    * follow right behind the write in flight. */
   arq_outq_truncate(&c->outq, c->writing ? c->inflight : 0);
@@ -200,7 +204,7 @@ static void slow_consumer(arq_conn_t *c) {
     arq_telemetry_report(srv, ARQ_TEL_SLOW_CONSUMER,
                          json_pack("{s:s, s:s, s:s, s:I}", "client_id", c->client ? arq_client_id(c->client) : "",
                                    "remote", c->remote, "port", port_names[c->kind], "queued_bytes",
-                                   (json_int_t)c->outq.bytes));
+                                   (json_int_t)queued));
   arq_conn_close(c, ARQ_WS_CLOSE_POLICY, "slow_consumer", ARQ_CLOSE_SLOW_CONSUMER);
 }
 
@@ -357,8 +361,16 @@ static void on_message(arq_conn_t *c, const arq_ws_msg_t *m) {
                          c->srv->read_ns);
     return;
   case ARQ_WS_OP_PING:
-    if (!c->close_sent)
-      push_frame(c, ARQ_WS_OP_PONG, m->data, m->len);
+    if (c->close_sent)
+      return;
+    /* Pongs count against the queue bound too: a client that pings and
+     * never reads must not grow its queue without limit. */
+    if (c->kind == ARQ_PORT_BUS && c->outq.bytes > 0 &&
+        c->outq.bytes + m->len + 2 > c->srv->cfg->max_outbound_queue) {
+      slow_consumer(c);
+      return;
+    }
+    push_frame(c, ARQ_WS_OP_PONG, m->data, m->len);
     return;
   case ARQ_WS_OP_PONG:
     if (c->awaiting_pong) {

@@ -246,9 +246,6 @@ int arq_server_start(arq_server_t *srv, uv_loop_t *loop, const arq_config_t *cfg
   srv->loop = loop;
   srv->cfg = cfg;
   srv->bus_tick_at = srv->tel_stats_at = srv->stats_log_at = uv_now(loop);
-  srv->bus = make_bus(srv, err, cap);
-  if (!srv->bus)
-    return ARQ_EINVAL;
   srv->metrics.start_time_ms = arq_time_wall_ms();
   srv->max_pending = cfg->max_connections / 4 + 64;
   arq_list_init(&srv->conns);
@@ -260,6 +257,9 @@ int arq_server_start(arq_server_t *srv, uv_loop_t *loop, const arq_config_t *cfg
   arq_list_init(&srv->pong_wait);
   arq_list_init(&srv->writing);
   arq_list_init(&srv->flush_pending);
+  srv->bus = make_bus(srv, err, cap); /* after the lists: arq_server_close() walks them on failure */
+  if (!srv->bus)
+    return ARQ_EINVAL;
 
   uv_timer_init(loop, &srv->tick);
   srv->tick.data = srv;
