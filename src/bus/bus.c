@@ -135,13 +135,15 @@ void arq_bus_free(arq_bus_t *b) {
   if (!b)
     return;
   b->tel_mask = 0; /* tearing down is not news */
+  /* Channels first: removing one drops its members' subscriptions, which
+   * needs the clients still alive. */
+  arq_channel_t *ch, *tmp;
+  HASH_ITER(hh, b->channels, ch, tmp) arq_router_remove(b, ch);
   arq_client_t *c, *ctmp;
   HASH_ITER(hh, b->clients, c, ctmp) {
     HASH_DEL(b->clients, c);
     arq_bus_client_unref(c);
   }
-  arq_channel_t *ch, *tmp;
-  HASH_ITER(hh, b->channels, ch, tmp) arq_router_remove(b, ch);
   if (b->history)
     b->history->ops->free(b->history);
   free_list(b->bootstrap);
@@ -200,6 +202,23 @@ static bool deliver(arq_bus_t *b, arq_client_t *c, arq_rcbuf_t *frame, arq_msg_t
 static arq_rcbuf_t *encode(arq_bus_t *b, json_t *obj, size_t *off, size_t *len) {
   arq_rcbuf_t *f = arq_env_frame(obj, &b->scratch, off, len);
   json_decref(obj);
+  return f;
+}
+
+/* Encodes 'obj' (stolen), a message with id 'id' for channel 'ch', with the
+ * position history gives it, stores it and returns the frame (one reference,
+ * caller owns): what is delivered is exactly what history keeps. */
+static arq_rcbuf_t *store(arq_bus_t *b, arq_channel_t *ch, const char *id, json_t *obj) {
+  char pos[24] = "";
+  const arq_history_ops_t *ops = b->history->ops;
+  uint64_t p = ops->next_position ? ops->next_position(b->history, ch->room->name, ch->name) : 0;
+  if (p)
+    snprintf(pos, sizeof pos, "%llu", (unsigned long long)p);
+  size_t off, len;
+  arq_rcbuf_t *f = arq_env_frame_at(obj, pos, &b->scratch, &off, &len);
+  json_decref(obj);
+  ops->append(b->history, ch->room->name, ch->name, id, f, off, len);
+  ch->messages++;
   return f;
 }
 
@@ -297,12 +316,9 @@ void arq_bus_agent_activity(arq_bus_t *b, const arq_client_t *c, const char *act
   }
   bool created;
   arq_channel_t *ch = arq_router_ensure(b, b->dash_room, b->dash_channel, &created);
-  size_t off, len;
-  arq_rcbuf_t *f = arq_env_frame(ordered, &b->scratch, &off, &len);
-  b->history->ops->append(b->history, ch->room->name, ch->name, json_string_value(json_object_get(ordered, "id")),
-                          f, off, len);
-  json_decref(ordered);
-  ch->messages++;
+  char id[40];
+  snprintf(id, sizeof id, "%s", json_string_value(json_object_get(ordered, "id")));
+  arq_rcbuf_t *f = store(b, ch, id, ordered);
   deliver_to_channel(b, ch, NULL, f, ARQ_MSG_TELEMETRY);
   arq_rcbuf_unref(f);
 }
@@ -606,16 +622,17 @@ static void route_event(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
     strcpy(e->channel, c->init_channel);
   }
   char id[130];
-  size_t off, len;
-  arq_rcbuf_t *f = encode(b, outgoing(b, c, e, id), &off, &len);
+  json_t *obj = outgoing(b, c, e, id);
   b->round++;
+  arq_rcbuf_t *f;
   if (e->channel[0]) {
     bool created;
     arq_channel_t *ch = arq_router_ensure(b, e->room, e->channel, &created);
-    ch->messages++;
-    b->history->ops->append(b->history, e->room, e->channel, id, f, off, len);
+    f = store(b, ch, id, obj);
     deliver_to_channel(b, ch, c->echo ? NULL : c, f, e->type);
   } else {
+    size_t off, len;
+    f = encode(b, obj, &off, &len);
     arq_room_t *r = arq_router_find_room(b, e->room);
     arq_list_t *n, *tmp;
     if (r) {
@@ -647,12 +664,9 @@ static void route_telemetry(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
     json_decref(obj);
     return;
   }
-  size_t off, len;
-  arq_rcbuf_t *f = encode(b, obj, &off, &len);
   bool created;
   arq_channel_t *ch = arq_router_ensure(b, e->room, e->channel, &created);
-  ch->messages++;
-  b->history->ops->append(b->history, e->room, e->channel, id, f, off, len);
+  arq_rcbuf_t *f = store(b, ch, id, obj);
   deliver_to_channel(b, ch, c->echo ? NULL : c, f, ARQ_MSG_TELEMETRY);
   arq_rcbuf_unref(f);
 }
@@ -861,12 +875,13 @@ typedef struct http_history {
   char room[ARQ_NAME_MAX + 1], channel[ARQ_NAME_MAX + 1];
   char *since;
   size_t limit;
+  size_t max_bytes;
 } http_history_t;
 
 static void http_history_done(void *ud, const arq_hist_result_t *res) {
   http_history_t *h = ud;
   json_t *body = res->status == 0
-                     ? arq_commands_history_result(h->room, h->channel, h->limit, h->since, res)
+                     ? arq_commands_history_result(h->room, h->channel, h->limit, h->since, res, h->max_bytes)
                      : json_pack("{s:s, s:s}", "error", "internal_error", "message", "history is unavailable");
   h->done(h->ud, res->status == 0 ? 200 : 503, body);
   json_decref(body);
@@ -890,8 +905,8 @@ void arq_bus_history(arq_bus_t *b, const char *room, const char *channel, long l
   }
   if (!problem && limit < 0)
     problem = "limit must be a positive integer";
-  if (!problem && since && !arq_env_valid_id(since))
-    problem = "since must be a message id (arq_...)";
+  if (!problem && since && !arq_env_valid_id(since) && !arq_env_valid_position(since))
+    problem = "since must be a message's position or its id (arq_...)";
   if (problem) {
     json_t *body = json_pack("{s:s, s:s}", "error", "invalid_argument", "message", problem);
     done(ud, 400, body);
@@ -910,6 +925,7 @@ void arq_bus_history(arq_bus_t *b, const char *room, const char *channel, long l
   memcpy(h->channel, c, sizeof c);
   h->since = since ? arq_strdup(since) : NULL;
   h->limit = lim;
+  h->max_bytes = b->o.max_message_size;
   arq_hist_query_t q = {.room = h->room, .channel = h->channel, .limit = lim, .since = h->since};
   b->history->ops->query(b->history, &q, http_history_done, h);
 }

@@ -159,7 +159,7 @@ void arq_bus_agent_activity(arq_bus_t *b, const arq_client_t *c, const char *act
 
 /* Builds the reply payload of a history query (caller owns). */
 json_t *arq_commands_history_result(const char *room, const char *channel, size_t limit, const char *since,
-                                    const arq_hist_result_t *res);
+                                    const arq_hist_result_t *res, size_t max_bytes);
 
 /* Runs the command envelope 'e' from 'c' and replies. */
 void arq_commands_run(arq_bus_t *b, arq_client_t *c, const arq_env_t *e);

@@ -264,16 +264,41 @@ typedef struct history_call {
 } history_call_t;
 
 json_t *arq_commands_history_result(const char *room, const char *channel, size_t limit, const char *since,
-                                    const arq_hist_result_t *res) {
+                                    const arq_hist_result_t *res, size_t max_bytes) {
+  /* One reply holds at most 'max_bytes' of messages (at least one): a
+   * history of large messages is read in several requests, and no request
+   * makes the loop parse hundreds of megabytes. After 'since' the oldest are
+   * kept (ask again from the last one); without it the newest are. */
+  size_t first = 0, end = res->count, total = 0;
+  bool cut = false;
+  if (since) {
+    for (size_t i = 0; i < res->count; i++) {
+      total += res->items[i]->len;
+      if (i > 0 && total > max_bytes) {
+        end = i;
+        cut = true;
+        break;
+      }
+    }
+  } else {
+    for (size_t i = res->count; i-- > 0;) {
+      total += res->items[i]->len;
+      if (i + 1 < res->count && total > max_bytes) {
+        first = i + 1;
+        cut = true;
+        break;
+      }
+    }
+  }
   json_t *msgs = json_array();
-  for (size_t i = 0; i < res->count; i++) {
+  for (size_t i = first; i < end; i++) {
     const arq_hist_item_t *it = res->items[i];
     json_t *m = json_loadb((const char *)it->frame->data + it->off, it->len, JSON_ALLOW_NUL, NULL);
     if (m)
       json_array_append_new(msgs, m);
   }
   json_t *r = json_pack("{s:s, s:s, s:o, s:I, s:I, s:b}", "room", room, "channel", channel, "messages", msgs, "count",
-                        (json_int_t)res->count, "limit", (json_int_t)limit, "more", res->more);
+                        (json_int_t)(end - first), "limit", (json_int_t)limit, "more", res->more || cut);
   if (since) {
     json_object_set_new(r, "since", json_string(since));
     json_object_set_new(r, "gap", json_boolean(!res->since_found));
@@ -288,7 +313,7 @@ static void history_done(void *ud, const arq_hist_result_t *res) {
   else if (!h->c->gone)
     arq_bus_reply_to(h->b, h->c, h->id, h->name,
                      arq_commands_history_result(h->t.room, h->t.channel, h->limit, h->since[0] ? h->since : NULL,
-                                                 res));
+                                                 res, h->b->o.max_message_size));
   arq_bus_client_unref(h->c);
   arq_free(h);
 }
@@ -309,9 +334,10 @@ static void cmd_history(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const
     json_int_t v = json_integer_value(lim);
     h.limit = (uint64_t)v > b->o.history_max_limit ? b->o.history_max_limit : (size_t)v;
   }
-  if (since && (!json_is_string(since) || !arq_env_valid_id(json_string_value(since)))) {
+  if (since && (!json_is_string(since) || (!arq_env_valid_id(json_string_value(since)) &&
+                                           !arq_env_valid_position(json_string_value(since))))) {
     arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_INVALID_ARGUMENT, NULL,
-                  "\"since\" must be the id of a message (\"arq_...\")");
+                  "\"since\" must be a message's position or its id (\"arq_...\")");
     return;
   }
   if (h.limit > b->o.history_max_limit)

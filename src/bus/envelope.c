@@ -81,6 +81,19 @@ static bool digits(const char *s, int n, int *v) {
   return true;
 }
 
+bool arq_env_valid_position(const char *s) {
+  int digits_a = 0, digits_b = 0, dashes = 0;
+  for (; *s; s++) {
+    if (*s >= '0' && *s <= '9')
+      *(dashes ? &digits_b : &digits_a) += 1;
+    else if (*s == '-' && !dashes)
+      dashes++;
+    else
+      return false;
+  }
+  return digits_a >= 1 && digits_a <= 20 && (dashes ? digits_b >= 1 && digits_b <= 20 : true);
+}
+
 /* YYYY-MM-DDTHH:MM:SS, an optional fraction of 1-9 digits, then Z. */
 bool arq_env_valid_timestamp(const char *s) {
   static const int mdays[12] = {31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
@@ -249,7 +262,7 @@ static int type_of(json_t *v, arq_msg_type_t *t, arq_env_error_t *err) {
 static bool known_key(const char *k) {
   static const char *const keys[] = {"version", "id",      "type",     "room",      "channel",        "from",
                                      "to",      "command", "payload",  "metadata",  "timestamp",      "correlation_id",
-                                     "eventType", NULL};
+                                     "eventType", "position", NULL};
   for (int i = 0; keys[i]; i++)
     if (strcmp(k, keys[i]) == 0)
       return true;
@@ -298,6 +311,11 @@ static int validate(arq_env_t *e, arq_env_error_t *err) {
     } else if (strcmp(key, "command") == 0) {
       if (string_field(v, key, ARQ_ENV_MAX_COMMAND, &e->command, err) != 0)
         return ARQ_EINVAL;
+    } else if (strcmp(key, "position") == 0) {
+      /* Set by the server; what a client sends (say, forwarding a message it
+       * received) is only checked for its type and then replaced or dropped. */
+      if (!json_is_string(v))
+        return fail(err, ARQ_CODE_INVALID_ENVELOPE, "\"position\" must be a string");
     } else if (strcmp(key, "eventType") == 0) {
       if (string_field(v, key, ARQ_ENV_MAX_EVENT_TYPE, &e->event_type, err) != 0)
         return ARQ_EINVAL;
@@ -466,10 +484,22 @@ static int append(const char *s, size_t n, void *ud) {
 }
 
 arq_rcbuf_t *arq_env_frame(const json_t *obj, arq_buf_t *scratch, size_t *json_off, size_t *json_len) {
+  return arq_env_frame_at(obj, NULL, scratch, json_off, json_len);
+}
+
+arq_rcbuf_t *arq_env_frame_at(const json_t *obj, const char *position, arq_buf_t *scratch, size_t *json_off,
+                              size_t *json_len) {
   /* The JSON text goes to the reused scratch buffer first (its length decides
-   * the header), then header and text are copied once into the shared frame. */
+   * the header), then header and text are copied once into the shared frame.
+   * A position is added as the last member, by text: the object ends in '}'. */
   scratch->len = 0;
   json_dump_callback(obj, append, scratch, JSON_COMPACT);
+  if (position && position[0] && scratch->len >= 2) {
+    char tail[80];
+    int n = snprintf(tail, sizeof tail, "%s\"position\":\"%.48s\"}", scratch->len > 2 ? "," : "", position);
+    scratch->len--; /* the closing brace */
+    append(tail, (size_t)n, scratch);
+  }
   uint8_t hdr[14];
   size_t hl = arq_ws_header_encode(hdr, true, ARQ_WS_OP_TEXT, scratch->len, NULL);
   arq_rcbuf_t *f = arq_rcbuf_new(hl + scratch->len);

@@ -140,5 +140,13 @@ void arq_buf_free(arq_buf_t *b);
  * one reference). '*json_off' and '*json_len' locate the JSON text inside the
  * frame, for history. 'scratch' is reused between calls. */
 arq_rcbuf_t *arq_env_frame(const json_t *obj, arq_buf_t *scratch, size_t *json_off, size_t *json_len);
+/* The same with the member "position": 'position' (a short string; NULL or
+ * "" for none) added at the end. */
+arq_rcbuf_t *arq_env_frame_at(const json_t *obj, const char *position, arq_buf_t *scratch, size_t *json_off,
+                              size_t *json_len);
+
+/* True when 's' looks like a position: digits, or digits-digits (a Redis
+ * stream id). */
+bool arq_env_valid_position(const char *s);
 
 #endif

@@ -32,14 +32,14 @@ typedef struct arq_hist_query {
   const char *room;
   const char *channel;
   size_t limit;      /* at most this many messages */
-  const char *since; /* NULL: the newest 'limit'; else the oldest 'limit' after this id */
+  const char *since; /* NULL: the newest 'limit'; else the oldest 'limit' after this message id or position */
 } arq_hist_query_t;
 
 typedef struct arq_hist_result {
   int status;                       /* 0, or a negative ARQ_E* code */
   const arq_hist_item_t *const *items; /* oldest first; borrowed for the callback */
   size_t count;
-  bool since_found;                 /* 'since' was found (false: a gap, all retained messages follow) */
+  bool since_found;                 /* nothing is missing after 'since' (false: a gap, all retained messages follow) */
   bool more;                        /* more messages exist beyond the ones returned */
 } arq_hist_result_t;
 
@@ -63,6 +63,10 @@ typedef struct arq_history_ops {
   size_t (*total)(arq_history_t *h);
   /* Releases the backend. */
   void (*free)(arq_history_t *h);
+  /* Returns the position the next message stored in 'room':'channel' will
+   * get, or 0 when it will not be stored or the backend gives no positions
+   * (NULL is the same). */
+  uint64_t (*next_position)(arq_history_t *h, const char *room, const char *channel);
 } arq_history_ops_t;
 
 struct arq_history {

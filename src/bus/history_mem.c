@@ -9,6 +9,7 @@
  * channel and never repeat while the server runs.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <uthash.h>
 
@@ -22,7 +23,8 @@ typedef struct ring {
   arq_hist_item_t *slots; /* 'nslots' slots; the oldest at 'head' */
   size_t nslots;          /* grows to the capacity as messages arrive */
   size_t head, count;
-  uint64_t next_seq;
+  uint64_t created_after; /* the last position given out before this ring existed */
+  uint64_t dropped_upto;  /* the newest position overwritten (0: none) */
   UT_hash_handle hh;
 } ring_t;
 
@@ -30,6 +32,9 @@ typedef struct mem {
   arq_history_t base;
   size_t cap;
   size_t total;
+  uint64_t next_seq;    /* positions are one sequence for all channels: they never repeat, even in a
+                         * channel deleted and created again */
+  uint64_t dropped_max; /* the newest position a dropped channel held */
   ring_t *rings;
   const arq_hist_item_t **view; /* scratch for query results */
 } mem_t;
@@ -61,7 +66,7 @@ static uint64_t mem_append(arq_history_t *h, const char *room, const char *chann
   if (!r) {
     r = arq_calloc(1, sizeof *r);
     make_key(r->key, room, channel);
-    r->next_seq = 1;
+    r->created_after = m->next_seq - 1;
     HASH_ADD_STR(m->rings, key, r);
   }
   arq_hist_item_t *it;
@@ -72,6 +77,7 @@ static uint64_t mem_append(arq_history_t *h, const char *room, const char *chann
   }
   if (r->count == m->cap) {
     it = &r->slots[r->head];
+    r->dropped_upto = it->seq;
     clear_item(it);
     r->head = (r->head + 1) % m->cap;
   } else {
@@ -82,9 +88,18 @@ static uint64_t mem_append(arq_history_t *h, const char *room, const char *chann
   it->frame = arq_rcbuf_ref(frame);
   it->off = (uint32_t)off;
   it->len = (uint32_t)len;
-  it->seq = r->next_seq++;
+  it->seq = m->next_seq++;
   it->id = arq_strdup(id);
   return it->seq;
+}
+
+static uint64_t mem_next_position(arq_history_t *h, const char *room, const char *channel) {
+  mem_t *m = (mem_t *)h;
+  if (m->cap == 0)
+    return 0;
+  (void)room;
+  (void)channel;
+  return m->next_seq;
 }
 
 static void mem_query(arq_history_t *h, const arq_hist_query_t *q, arq_hist_cb cb, void *ud) {
@@ -94,7 +109,28 @@ static void mem_query(arq_history_t *h, const arq_hist_query_t *q, arq_hist_cb c
   size_t count = r ? r->count : 0;
   size_t first = 0; /* index (0 = oldest) of the first message returned */
   size_t n;
-  if (q->since) {
+  if (q->since && strncmp(q->since, "arq_", 4) != 0) {
+    /* A position: everything after it. Something is missing when messages
+     * after it were overwritten, or when it is older than this channel's
+     * current life (the channel was removed and created again). Position 0
+     * asks for everything since the channel came to be. */
+    uint64_t pos = strtoull(q->since, NULL, 10);
+    if (!r)
+      res.since_found = pos == 0 || pos >= m->dropped_max;
+    else if (pos == 0)
+      res.since_found = r->dropped_upto == 0;
+    else
+      res.since_found = pos >= r->dropped_upto && pos > r->created_after;
+    first = count;
+    for (size_t i = 0; i < count; i++) {
+      if (r->slots[(r->head + i) % m->cap].seq > pos) {
+        first = i;
+        break;
+      }
+    }
+    n = count - first < q->limit ? count - first : q->limit;
+    res.more = first + n < count;
+  } else if (q->since) {
     res.since_found = false;
     for (size_t i = count; i-- > 0;) {
       if (strcmp(r->slots[(r->head + i) % m->cap].id, q->since) == 0) {
@@ -129,8 +165,14 @@ static void free_ring(mem_t *m, ring_t *r) {
 static void mem_drop(arq_history_t *h, const char *room, const char *channel) {
   mem_t *m = (mem_t *)h;
   ring_t *r = find(m, room, channel);
-  if (r)
-    free_ring(m, r);
+  if (!r)
+    return;
+  /* Remember how far dropped history went: a client that asks for what came
+   * after an older position of a channel that is gone is told of the gap. */
+  uint64_t newest = r->count ? r->slots[(r->head + r->count - 1) % m->cap].seq : r->dropped_upto;
+  if (newest > m->dropped_max)
+    m->dropped_max = newest;
+  free_ring(m, r);
 }
 
 static size_t mem_count(arq_history_t *h, const char *room, const char *channel) {
@@ -149,6 +191,7 @@ static void mem_free(arq_history_t *h) {
 }
 
 static const arq_history_ops_t mem_ops = {
+    .next_position = mem_next_position,
     .append = mem_append,
     .query = mem_query,
     .drop = mem_drop,
@@ -162,5 +205,6 @@ arq_history_t *arq_history_mem_new(size_t capacity) {
   m->base.ops = &mem_ops;
   m->cap = capacity;
   m->view = arq_calloc(capacity ? capacity : 1, sizeof *m->view);
+  m->next_seq = 1;
   return &m->base;
 }

@@ -153,7 +153,7 @@ static void serve_history(arq_conn_t *c, const arq_http_req_t *req) {
   int rr = query_param(req, "room", room, sizeof room);
   int rc = query_param(req, "channel", channel, sizeof channel);
   int rs = query_param(req, "since", since, sizeof since);
-  if (rr < 0 || rc < 0 || rs < 0) {
+  if (rr < 0 || rc < 0 || rs < 0 || (rs > 0 && !since[0])) {
     reply_error(c, 400, "invalid_argument", "a query parameter is badly encoded or too long");
     return;
   }

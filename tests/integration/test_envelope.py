@@ -50,7 +50,8 @@ def test_short_forms_work_as_written_and_the_server_fills_in_the_rest(server):
 
     newcomer.send(SHORT_EVENT)
     ev = member.recv()
-    assert set(ev) == {"version", "id", "type", "room", "channel", "from", "payload", "timestamp"}, ev
+    assert list(ev) == ["version", "id", "type", "room", "channel", "from", "payload", "timestamp", "position"], ev
+    assert re.match(r"^[1-9][0-9]*$", ev["position"]), ev  # its place in the channel's history
     assert ev["version"] == "1.0"
     assert ID_RE.match(ev["id"]), ev
     assert ev["type"] == "event"
@@ -67,6 +68,7 @@ def test_short_forms_work_as_written_and_the_server_fills_in_the_rest(server):
     newcomer.send(SHORT_EVENT)
     ev2 = member.recv()
     assert ev2["id"] != ev["id"]
+    assert int(ev2["position"]) > int(ev["position"])
 
 
 def test_client_chosen_id_timestamp_and_fields_are_kept(server):

@@ -145,6 +145,14 @@ def test_every_client_gets_every_message_once_in_sender_order(server):
         conns += connect_many(server.port, nclients - 1, timeout=10 * SLOW, path=query(channel="fan:out"))
         assert server.metrics()["arqonbus_connections"] == nclients
         senders = conns[:nsenders]
+        # Every stored message carries its position in history, one sequence
+        # for all channels. 99 events to a channel nobody is in bring it to
+        # 99, so that the probe and every event below get a position of
+        # exactly 3 digits (100 .. 280) and the frame sizes aimed at below
+        # do not depend on the order in which the senders are routed.
+        for k in range(99):
+            conns[0].send_frame(OP_TEXT, json.dumps({"type": "event", "channel": "fan:warmup",
+                                                     "payload": {"k": k}}).encode())
         # Every client had joined before its 101 was sent, so a first event
         # from sender 0 comes after every notification to every member.
         conns[0].send_frame(OP_TEXT, event_text({"data": "probe"}))
@@ -156,9 +164,11 @@ def test_every_client_gets_every_message_once_in_sender_order(server):
             assert (probe["room"], probe["channel"], probe["from"], probe["payload"]) == \
                 (room, channel, ids[0], {"data": "probe"}), probe
             probe_ids.add(probe["id"])
+            assert probe["position"] == "100", probe
         assert len(probe_ids) == 1, "one event, several ids: %r" % probe_ids
         # What the server adds around the data of an event from sender 0, in
-        # bytes (its id and timestamp have fixed lengths).
+        # bytes (its id and timestamp have fixed lengths, its position 3
+        # digits).
         overhead = len(got[0][-1][1]) - len("probe")
         before = server.metrics()
 
@@ -220,6 +230,7 @@ def test_every_client_gets_every_message_once_in_sender_order(server):
             t.join(10 * SLOW)
         assert not errors, errors
         sender_of = {ids[s]: s for s in range(nsenders)}
+        position_of = {}
         for i, envs in enumerate(got):
             by_sender = {s: [] for s in range(nsenders)}
             mine = []  # what this client's own messages caused, in order
@@ -248,6 +259,16 @@ def test_every_client_gets_every_message_once_in_sender_order(server):
                 assert mine == ["error"] * nbinary
             ids_seen = [env["id"] for env, _ in envs if env["type"] == "event"]
             assert len(set(ids_seen)) == len(ids_seen), "client %d got an event id twice" % i
+            # Delivered in the order they were stored: positions grow, and
+            # every client sees the same position for the same event.
+            positions = [int(env["position"]) for env, _ in envs if env["type"] == "event"]
+            assert positions == sorted(positions) and len(set(positions)) == len(positions), \
+                "client %d: positions out of order: %r" % (i, positions)
+            assert all(100 < p <= 100 + total for p in positions), positions
+            for env, raw in envs:
+                if env["type"] == "event":
+                    assert raw.endswith(b',"position":"%s"}' % env["position"].encode()), raw[-80:]
+                    assert position_of.setdefault(env["id"], env["position"]) == env["position"], env
         expect_pong_next(conns, 5 * SLOW)
         after = server.metrics()
         # Received: every message, the binary ones as invalid. Delivered: the

@@ -461,11 +461,15 @@ def test_client_telemetry_reaches_the_channel_and_the_monitors(server):
     assert (got["room"], got["channel"]) == ("integriguard", "telemetry-stream")
     assert got["id"] == "arq_tel1" and got["payload"] == sent["payload"] and got["metadata"] == sent["metadata"]
     assert ISO.match(got["timestamp"])
-    # Monitors get the same envelope; the category is client_telemetry even
-    # though the client's eventType is "stats".
+    # Stored in the channel's history, so it carries its position there, as
+    # its last member.
+    assert list(got)[-1] == "position" and re.match(r"^[1-9][0-9]*$", got["position"]), got
+    # Monitors get the same envelope without the position; the category is
+    # client_telemetry even though the client's eventType is "stats".
     for mon in (everything, category):
         env = mon.wait_for(t0, "stats", cpu=0.25)
-        assert env == got, (env, got)
+        assert "position" not in env, env
+        assert dict(env, position=got["position"]) == got, (env, got)
     assert stats_only.drain(0.2) == []
     # Not back to the sender; kept in the channel's history.
     assert sender.command("ping")["command"] == "pong"
@@ -604,7 +608,11 @@ def test_agent_activity_for_agents_and_services_only(server):
             assert env["payload"] == want, env
             assert (env["room"], env["channel"]) == ("integriguard", "dashboard-events"), env
             on_bus = board.recv()
-            assert on_bus == env, (on_bus, env)  # the same envelope on the dashboard channel
+            # The same envelope on the dashboard channel, plus its position in
+            # the channel's history (the last member, growing).
+            assert list(on_bus)[-1] == "position" and "position" not in env, (on_bus, env)
+            assert dict(env, position=on_bus["position"]) == on_bus, (on_bus, env)
+            assert not seen or int(on_bus["position"]) > int(seen[-1]["position"]), (on_bus, seen[-1])
             seen.append(on_bus)
     assert mon.drain(0.2) == []
     assert board.command("ping")["command"] == "pong" and board.skipped == []

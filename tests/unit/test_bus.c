@@ -516,6 +516,37 @@ static void expect_keys(json_t *o, const char *want) {
   assert_string_equal(got, want);
 }
 
+/* A message stored in a channel's history carries the server's "position"
+ * as its last member; the telemetry stream reports the same envelope without
+ * it. Asserts that 'got' (as delivered or stored) is 'reported' plus a valid
+ * position, and returns that position. */
+static unsigned long long expect_positioned(json_t *got, json_t *reported) {
+  const char *k, *last = NULL;
+  json_t *v;
+  json_object_foreach(got, k, v) last = k;
+  assert_non_null(last);
+  assert_string_equal(last, "position");
+  const char *pos = jstr(got, "position");
+  assert_non_null(pos);
+  assert_true(arq_env_valid_position(pos));
+  assert_true(pos[0] != '0'); /* decimal from 1, no leading zero */
+  for (const char *p = pos; *p; p++)
+    assert_true(*p >= '0' && *p <= '9'); /* memory mode: plain decimal */
+  assert_null(jget(reported, "position"));
+  json_t *bare = json_deep_copy(got);
+  json_object_del(bare, "position");
+  bool same = json_equal(bare, reported);
+  if (!same) {
+    char *x = json_dumps(got, JSON_COMPACT), *y = json_dumps(reported, JSON_COMPACT);
+    print_error("stored/delivered %s\nreported %s\n", x, y);
+    free(x);
+    free(y);
+  }
+  json_decref(bare);
+  assert_true(same);
+  return strtoull(pos, NULL, 10);
+}
+
 /* The next report must be a bus telemetry event 'ev' in the documented
  * shape; returns it (borrowed like tel_next's). */
 static json_t *expect_tel(world_t *w, arq_tel_event_t ev) {
@@ -2285,8 +2316,14 @@ static void test_client_telemetry(void **state) {
   expect_str(t, "metadata.host", "h1");
   expect_str(t, "timestamp", "2026-01-31T12:00:00Z");
   json_t *got = next(dash);
-  assert_true(json_equal(got, t)); /* the channel gets what the stream gets */
-  assert_true(json_equal(next(e), t));
+  /* The channel gets what the stream gets, plus its position in history. */
+  unsigned long long pos = expect_positioned(got, t);
+  char *delivered = json_dumps(got, JSON_COMPACT);
+  json_t *got_e = next(e);
+  assert_int_equal(expect_positioned(got_e, t), pos); /* one frame for every member */
+  char *delivered_e = json_dumps(got_e, JSON_COMPACT);
+  assert_string_equal(delivered_e, delivered);
+  free(delivered_e);
   none(dash);
   none(e);
   none(a); /* not a member, and no error */
@@ -2295,7 +2332,11 @@ static void test_client_telemetry(void **state) {
   json_t *h = command(dash, "{'type':'command','command':'history','channel':'" TEL_CHANNEL "'}");
   expect_str(h, "command", "history");
   assert_int_equal(jint(h, "payload.count"), 1);
-  assert_true(json_equal(jget(h, "payload.messages.0"), t));
+  /* History keeps what was delivered, position included. */
+  char *stored = json_dumps(jget(h, "payload.messages.0"), JSON_COMPACT);
+  assert_string_equal(stored, delivered);
+  free(stored);
+  free(delivered);
 
   /* Without id and timestamp the server fills them in. */
   say(b, "{'type':'telemetry','eventType':'mem','payload':{}}");
@@ -2304,20 +2345,22 @@ static void test_client_telemetry(void **state) {
   expect_str(t, "eventType", "mem");
   assert_true(arq_env_valid_id(jstr(t, "id")));
   assert_true(arq_env_valid_timestamp(jstr(t, "timestamp")));
-  assert_true(json_equal(next(dash), t));
-  assert_true(json_equal(next(e), t));
+  unsigned long long p2 = expect_positioned(next(dash), t);
+  assert_true(p2 > pos);
+  assert_int_equal(expect_positioned(next(e), t), p2);
   none(b);
 
   /* A member gets its own back only with echo. */
   say(e, "{'type':'telemetry','eventType':'disk','payload':{'free':1}}");
   t = tel_next(w, ARQ_TEL_CLIENT_TELEMETRY);
   expect_str(t, "from", "echoer");
-  assert_true(json_equal(next(e), t));
-  assert_true(json_equal(next(dash), t));
+  unsigned long long p3 = expect_positioned(next(e), t);
+  assert_true(p3 > p2);
+  assert_int_equal(expect_positioned(next(dash), t), p3);
   say(dash, "{'type':'telemetry','eventType':'fps','payload':{}}");
   t = tel_next(w, ARQ_TEL_CLIENT_TELEMETRY);
   expect_str(t, "from", "dash");
-  assert_true(json_equal(next(e), t));
+  assert_true(expect_positioned(next(e), t) > p3);
   none(e);
   none(dash);
 
@@ -2401,14 +2444,7 @@ static json_t *expect_activity(world_t *w, conn_t *watch, const char *activity, 
   expect_str(t, "payload.activity", activity);
   expect_str(t, "payload.client_id", client_id);
   expect_str(t, "payload.client_type", client_type);
-  json_t *got = next(watch);
-  if (!json_equal(got, t)) {
-    char *x = json_dumps(got, JSON_COMPACT), *y = json_dumps(t, JSON_COMPACT);
-    print_error("dashboard got %s\nstream got %s\n", x, y);
-    free(x);
-    free(y);
-  }
-  assert_true(json_equal(got, t));
+  expect_positioned(next(watch), t); /* plus its position in the channel's history */
   return t;
 }
 
@@ -2495,6 +2531,7 @@ static void test_agent_activity(void **state) {
   static const char *const want[] = {"connected",    "message_sent", "message_sent", "message_sent", "message_sent",
                                      "command_run",  "command_run",  "connected",    "disconnected"};
   size_t n = sizeof want / sizeof want[0];
+  unsigned long long last_pos = 0;
   http_answer_t ans = {0};
   json_t *body = http_history(w, &ans, NULL, DASH_CHANNEL, 100, NULL);
   assert_int_equal(ans.status, 200);
@@ -2503,11 +2540,13 @@ static void test_agent_activity(void **state) {
     json_t *e = json_array_get(jget(body, "messages"), i);
     expect_str(e, "eventType", "agent_activity");
     expect_str(e, "payload.activity", want[i]);
-    /* Stored as delivered: the very envelope the stream got. */
+    /* Stored as delivered: the very envelope the stream got, plus its
+     * position, which grows. */
     json_t *reported = json_loads(w->tel[i].text, 0, NULL);
-    bool same = json_equal(e, reported);
+    unsigned long long p = expect_positioned(e, reported);
     json_decref(reported);
-    assert_true(same);
+    assert_true(p > last_pos);
+    last_pos = p;
   }
   json_decref(ans.body);
   assert_int_equal(stats(w).delivered[ARQ_MSG_TELEMETRY], n); /* all to watch */
@@ -2519,6 +2558,7 @@ static void test_agent_activity(void **state) {
   expect_str(m, "eventType", "agent_activity");
   expect_str(m, "payload.activity", "command_run");
   expect_str(m, "payload.client_id", "svc");
+  assert_true(strtoull(jstr(m, "position"), NULL, 10) > last_pos); /* still stored, still positioned */
   none(watch);
   tel_none(w);
 }
@@ -2969,7 +3009,7 @@ static size_t deferred_total(arq_history_t *h) { return 0; }
 static void deferred_free(arq_history_t *h) { free(h); }
 
 static const arq_history_ops_t deferred_ops = {deferred_append, deferred_query, deferred_drop,
-                                               deferred_count,  deferred_total, deferred_free};
+                                               deferred_count,  deferred_total, deferred_free, NULL};
 
 /* Answers the pending query with 'status' and no messages. */
 static void deferred_answer(deferred_t *d, int status) {

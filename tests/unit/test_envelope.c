@@ -625,6 +625,85 @@ static void test_event_type_nul(void **state) {
   arq_env_free(&e);
 }
 
+/* ---- positions ---- */
+
+static void test_valid_positions(void **state) {
+  static const char *const good[] = {"0", "1", "17", "007", "18446744073709551615", "99999999999999999999",
+                                     "1-0", "0-0", "1700000000000-5", "12345678901234567890-12345678901234567890"};
+  for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+    print_message("position \"%s\"\n", good[i]);
+    assert_true(arq_env_valid_position(good[i]));
+  }
+}
+
+static void test_invalid_positions(void **state) {
+  static const char *const bad[] = {"",    "-",     "1-",    "-1",      "1--2",     "1-2-3", "a",      "1a",
+                                    " 1",  "1 ",    "+1",    "0x1",     "1.5",      "1e3",   "arq_1",  "1_2",
+                                    "1\n", "\t1",   "1:2",   "\xd9\xa1", "1-\xd9\xa1", "--",    "1-2-",   "null"};
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    print_message("position \"%s\"\n", bad[i]);
+    assert_false(arq_env_valid_position(bad[i]));
+  }
+  /* At most 20 digits on either side of the dash. */
+  char s[64];
+  memset(s, '1', 21);
+  s[21] = '\0';
+  assert_false(arq_env_valid_position(s));
+  s[20] = '\0';
+  assert_true(arq_env_valid_position(s));
+  snprintf(s, sizeof s, "1-%s", "111111111111111111111");
+  assert_false(arq_env_valid_position(s));
+  s[strlen(s) - 1] = '\0';
+  assert_true(arq_env_valid_position(s));
+  snprintf(s, sizeof s, "%s-1", "111111111111111111111");
+  assert_false(arq_env_valid_position(s));
+}
+
+/* A client may send "position" (say, forwarding a message it received): the
+ * server sets its own, so any string is accepted, in strict 1.0 too, and it
+ * is not an unknown field to forward in 1.1. Any other type is refused. */
+static void test_position_from_client(void **state) {
+  static const char *const ok[] = {
+      "{'type':'event','position':'17'}",
+      "{'version':'1.0','type':'event','room':'science','channel':'general','position':'17'}",
+      "{'version':'1.0','type':'event','position':'1700000000000-5'}",
+      "{'version':'1.0','type':'event','position':'not a position'}",
+      "{'version':'1.0','type':'event','position':''}",
+      "{'version':'1.0','type':'private','to':['bob'],'position':'3'}",
+      "{'version':'1.0','type':'telemetry','eventType':'cpu','payload':{},'position':'3'}",
+      "{'version':'1.0','type':'command','command':'ping','position':'3'}",
+  };
+  for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+    arq_env_t e;
+    parse_ok(&e, ok[i]);
+    arq_env_free(&e);
+  }
+  arq_env_t e;
+  parse_ok(&e, "{'version':'1.1','type':'event','position':'17'}");
+  assert_null(arq_env_extra(&e)); /* known, so not forwarded as extra */
+  arq_env_free(&e);
+  parse_ok(&e, "{'version':'1.1','type':'event','position':'17','colour':'blue'}");
+  json_t *extra = arq_env_extra(&e);
+  assert_non_null(extra);
+  assert_int_equal(json_object_size(extra), 1);
+  assert_null(json_object_get(extra, "position"));
+  json_decref(extra);
+  arq_env_free(&e);
+
+  static const char *const bad[] = {
+      "{'type':'event','position':17}",       "{'version':'1.0','type':'event','position':17}",
+      "{'type':'event','position':null}",     "{'type':'event','position':true}",
+      "{'type':'event','position':['17']}",   "{'type':'event','position':{'p':'17'}}",
+      "{'version':'1.1','type':'event','position':1.5}",
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    arq_env_error_t err = fail_json(bad[i], ARQ_CODE_INVALID_ENVELOPE);
+    assert_non_null(strstr(err.message, "position"));
+  }
+  arq_env_error_t err = fail_json("{'id':'arq_p1','type':'event','position':5}", ARQ_CODE_INVALID_ENVELOPE);
+  assert_string_equal(err.correlation_id, "arq_p1");
+}
+
 /* ---- ids and timestamps ---- */
 
 static void test_valid_ids(void **state) {
@@ -1068,6 +1147,107 @@ static void test_frame_of_built_envelope(void **state) {
   arq_buf_free(&scratch);
 }
 
+/* Frames 'obj' with 'position' and returns the frame's JSON text (caller
+ * frees), after checking the header and that off/len locate it. */
+static char *frame_text_at(json_t *obj, const char *position, arq_buf_t *scratch, size_t *hdr_len) {
+  size_t off = 0, len = 0;
+  arq_rcbuf_t *f = arq_env_frame_at(obj, position, scratch, &off, &len);
+  assert_non_null(f);
+  assert_int_equal(f->refs, 1);
+  assert_int_equal(f->len, off + len);
+  assert_int_equal(f->data[0], 0x81);
+  assert_int_equal(f->data[1] & 0x80, 0); /* unmasked */
+  *hdr_len = off;
+  size_t dlen;
+  char *text = decode_frame(f, &dlen);
+  assert_int_equal(dlen, len);
+  assert_memory_equal(text, f->data + off, len);
+  arq_rcbuf_unref(f);
+  return text;
+}
+
+static void test_frame_at_position(void **state) {
+  arq_buf_t scratch = {0};
+  char want[JSON_MAX];
+  size_t hl;
+  json_t *payload = json_pack("{s:i}", "n", 1);
+  arq_env_out_t o = {.type = ARQ_MSG_EVENT, .id = "arq_f", .room = "science", .channel = "explore",
+                     .from = "alice", .payload = payload, .timestamp = "2026-01-31T12:00:00Z"};
+  json_t *obj = arq_env_build(&o);
+  json_decref(payload);
+  const char *base = "{'version':'1.0','id':'arq_f','type':'event','room':'science','channel':'explore',"
+                     "'from':'alice','payload':{'n':1},'timestamp':'2026-01-31T12:00:00Z'";
+
+  /* With a position: the last member, a string, exactly these bytes. */
+  char *text = frame_text_at(obj, "17", &scratch, &hl);
+  snprintf(want, sizeof want, "%s,'position':'17'}", base);
+  assert_string_equal(text, J_into(want, want));
+  assert_int_equal(hl, 2 + (strlen(text) >= 126 ? 2 : 0));
+  free(text);
+  /* The object itself is not changed. */
+  assert_null(json_object_get(obj, "position"));
+  text = frame_text_at(obj, "18446744073709551615", &scratch, &hl);
+  snprintf(want, sizeof want, "%s,'position':'18446744073709551615'}", base);
+  assert_string_equal(text, J_into(want, want));
+  free(text);
+  text = frame_text_at(obj, "1700000000000-5", &scratch, &hl);
+  snprintf(want, sizeof want, "%s,'position':'1700000000000-5'}", base);
+  assert_string_equal(text, J_into(want, want));
+  free(text);
+
+  /* Without one (NULL or ""): exactly what arq_env_frame gives. */
+  snprintf(want, sizeof want, "%s}", base);
+  J_into(want, want);
+  text = frame_text_at(obj, NULL, &scratch, &hl);
+  assert_string_equal(text, want);
+  free(text);
+  text = frame_text_at(obj, "", &scratch, &hl);
+  assert_string_equal(text, want);
+  free(text);
+  check_frame(obj, &scratch, 0);
+
+  /* The position counts in the header's length: 111 bytes of JSON plus
+   * ,"position":"1" (15) is 126, the first length that needs 2 more bytes. */
+  json_t *o110 = sized(110), *o111 = sized(111);
+  text = frame_text_at(o110, "1", &scratch, &hl);
+  assert_int_equal(strlen(text), 125);
+  assert_int_equal(hl, 2);
+  free(text);
+  text = frame_text_at(o111, "1", &scratch, &hl);
+  assert_int_equal(strlen(text), 126);
+  assert_int_equal(hl, 4);
+  char *tail = repeat('x', 103);
+  snprintf(want, sizeof want, "{'a':'%s','position':'1'}", tail);
+  free(tail);
+  assert_string_equal(text, J_into(want, want));
+  free(text);
+  /* After a big frame the scratch buffer is reused without leftovers. */
+  json_t *big = sized(70000);
+  text = frame_text_at(big, "99", &scratch, &hl);
+  assert_int_equal(hl, 10);
+  assert_int_equal(strlen(text), 70000 + 16);
+  assert_string_equal(text + 70000 - 1, J_into(want, ",'position':'99'}"));
+  free(text);
+  text = frame_text_at(o110, "1", &scratch, &hl);
+  assert_int_equal(strlen(text), 125);
+  free(text);
+  /* What is framed parses back as the object plus its position. */
+  text = frame_text_at(obj, "42", &scratch, &hl);
+  json_t *back = json_loads(text, 0, NULL);
+  assert_non_null(back);
+  assert_string_equal(json_string_value(json_object_get(back, "position")), "42");
+  json_object_del(back, "position");
+  assert_true(json_equal(back, obj));
+  json_decref(back);
+  free(text);
+
+  json_decref(big);
+  json_decref(o110);
+  json_decref(o111);
+  json_decref(obj);
+  arq_buf_free(&scratch);
+}
+
 /* ---- codes ---- */
 
 static void test_code_names(void **state) {
@@ -1165,6 +1345,9 @@ int main(void) {
       cmocka_unit_test(test_event_type_only_on_telemetry),
       cmocka_unit_test(test_event_type_name_rule),
       cmocka_unit_test(test_event_type_nul),
+      cmocka_unit_test(test_valid_positions),
+      cmocka_unit_test(test_invalid_positions),
+      cmocka_unit_test(test_position_from_client),
       cmocka_unit_test(test_valid_ids),
       cmocka_unit_test(test_invalid_ids),
       cmocka_unit_test(test_bad_id_in_envelope),
@@ -1180,6 +1363,7 @@ int main(void) {
       cmocka_unit_test(test_build_round_trip),
       cmocka_unit_test(test_frame_lengths),
       cmocka_unit_test(test_frame_of_built_envelope),
+      cmocka_unit_test(test_frame_at_position),
       cmocka_unit_test(test_code_names),
       cmocka_unit_test(test_error_messages_are_utf8),
   };

@@ -130,8 +130,8 @@ static void test_append_positions_from_one(void **state) {
   fixture_t *f = *state;
   assert_int_equal(put(f, "science", "general", 0), 1);
   assert_int_equal(put(f, "science", "general", 1), 2);
-  assert_int_equal(put(f, "science", "explore", 2), 1); /* per channel */
-  assert_int_equal(put(f, "science", "general", 3), 3);
+  assert_int_equal(put(f, "science", "explore", 2), 3); /* one sequence for all channels */
+  assert_int_equal(put(f, "science", "general", 3), 4);
   assert_int_equal(f->m[0].frame->refs, 2);
   assert_int_equal(f->m[3].frame->refs, 2);
   assert_int_equal(f->h->ops->count(f->h, "science", "general"), 3);
@@ -257,7 +257,7 @@ static void test_channels_are_separate(void **state) {
   seen_t s = query(f, "science", "explore", 10, NULL);
   assert_int_equal(s.count, 1);
   assert_string_equal(s.id[0], "arq_m2");
-  assert_int_equal(s.seq[0], 1);
+  assert_int_equal(s.seq[0], 2); /* positions are shared by all channels */
   s = query(f, "art", "general", 10, "arq_m1"); /* arq_m1 is another channel's */
   assert_false(s.since_found);
   assert_int_equal(s.count, 1);
@@ -370,7 +370,7 @@ static void test_many_channels_total(void **state) {
   for (int i = 0; i < 100; i++) {
     snprintf(ch, sizeof ch, "c%d", i);
     for (int k = 0; k < 3; k++)
-      assert_int_equal(h->ops->append(h, "r", ch, "arq_aa", a, 2, 6), (uint64_t)k + 1);
+      assert_int_equal(h->ops->append(h, "r", ch, "arq_aa", a, 2, 6), (uint64_t)(3 * i + k + 1));
   }
   assert_int_equal(h->ops->total(h), 200);
   assert_int_equal(a->refs, 201);
@@ -383,6 +383,206 @@ static void test_many_channels_total(void **state) {
   h->ops->free(h);
   assert_int_equal(a->refs, 1);
   arq_rcbuf_unref(a);
+}
+
+/* ---- positions: one sequence for all channels, and 'since' by position ---- */
+
+static uint64_t next_pos(fixture_t *f, const char *room, const char *channel) {
+  return f->h->ops->next_position(f->h, room, channel);
+}
+
+static void test_positions_one_sequence(void **state) {
+  fixture_t *f = *state;
+  assert_non_null(f->h->ops->next_position);
+  assert_int_equal(next_pos(f, "r", "c"), 1);
+  assert_int_equal(next_pos(f, "other", "x"), 1); /* the same for every channel */
+  assert_int_equal(put(f, "r", "c", 0), 1);
+  assert_int_equal(next_pos(f, "r", "d"), 2);
+  assert_int_equal(put(f, "r", "d", 1), 2);
+  assert_int_equal(put(f, "q", "c", 2), 3); /* another room, the same sequence */
+  assert_int_equal(next_pos(f, "r", "c"), 4);
+  assert_int_equal(put(f, "r", "c", 3), 4);
+  /* Overwriting (capacity 3) does not reuse positions. */
+  assert_int_equal(put(f, "r", "c", 4), 5);
+  assert_int_equal(put(f, "r", "c", 5), 6);
+  assert_int_equal(put(f, "r", "c", 6), 7);
+  /* Neither does deleting a channel and creating it again. */
+  f->h->ops->drop(f->h, "r", "c");
+  assert_int_equal(next_pos(f, "r", "c"), 8);
+  assert_int_equal(put(f, "r", "c", 7), 8);
+  seen_t s = query(f, "r", "c", 10, NULL);
+  assert_int_equal(s.count, 1);
+  assert_int_equal(s.seq[0], 8);
+  assert_string_equal(s.id[0], "arq_m8");
+}
+
+static void test_next_position_capacity_zero(void **state) {
+  /* Nothing is stored, so nothing gets a position. */
+  arq_history_t *h = arq_history_mem_new(0);
+  assert_int_equal(h->ops->next_position(h, "r", "c"), 0);
+  h->ops->free(h);
+}
+
+static void test_since_position(void **state) {
+  fixture_t *f = *state;
+  for (int i = 0; i < 5; i++)
+    put(f, "r", "c", i); /* positions 1-5; holds 3, 4, 5; 1 and 2 were overwritten */
+  /* Exactly at the newest overwritten position: nothing after it is missing. */
+  seen_t s = query(f, "r", "c", 10, "2");
+  assert_true(s.since_found);
+  expect_seqs(&s, 3, 3);
+  assert_false(s.more);
+  /* One before it: position 2 is gone, a gap; all retained messages follow. */
+  s = query(f, "r", "c", 10, "1");
+  assert_false(s.since_found);
+  expect_seqs(&s, 3, 3);
+  assert_false(s.more);
+  /* Within the ring: the oldest 'limit' after it. */
+  s = query(f, "r", "c", 10, "3");
+  assert_true(s.since_found);
+  expect_seqs(&s, 4, 2);
+  assert_false(s.more);
+  s = query(f, "r", "c", 1, "3");
+  assert_true(s.since_found);
+  expect_seqs(&s, 4, 1);
+  assert_true(s.more);
+  s = query(f, "r", "c", 2, "1");
+  assert_false(s.since_found);
+  expect_seqs(&s, 3, 2);
+  assert_true(s.more);
+  /* The newest, and beyond: nothing new, nothing missing. */
+  s = query(f, "r", "c", 10, "5");
+  assert_true(s.since_found);
+  assert_int_equal(s.count, 0);
+  assert_false(s.more);
+  s = query(f, "r", "c", 10, "99");
+  assert_true(s.since_found);
+  assert_int_equal(s.count, 0);
+  assert_false(s.more);
+  /* A Redis-style id is read by its first number in memory mode. */
+  s = query(f, "r", "c", 10, "3-0");
+  assert_true(s.since_found);
+  expect_seqs(&s, 4, 2);
+}
+
+static void test_since_position_zero(void **state) {
+  fixture_t *f = *state;
+  put(f, "r", "c", 0);
+  put(f, "r", "c", 1);
+  /* "0": from the channel's beginning; nothing was overwritten. */
+  seen_t s = query(f, "r", "c", 10, "0");
+  assert_true(s.since_found);
+  expect_seqs(&s, 1, 2);
+  assert_false(s.more);
+  s = query(f, "r", "c", 1, "0");
+  assert_true(s.since_found);
+  expect_seqs(&s, 1, 1); /* the oldest, not the newest */
+  assert_true(s.more);
+  /* Once the ring wrapped the beginning is gone: a gap. */
+  put(f, "r", "c", 2);
+  put(f, "r", "c", 3);
+  s = query(f, "r", "c", 10, "0");
+  assert_false(s.since_found);
+  expect_seqs(&s, 2, 3);
+  /* A channel that never held anything: no messages and no gap. */
+  s = query(f, "r", "empty", 10, "0");
+  assert_int_equal(s.count, 0);
+  assert_true(s.since_found);
+  assert_false(s.more);
+  s = query(f, "r", "empty", 10, "3");
+  assert_int_equal(s.count, 0);
+  assert_true(s.since_found);
+}
+
+static void test_since_position_interleaved_channels(void **state) {
+  fixture_t *f = *state;
+  /* c gets 1, 3, 5, 7; d gets 2, 4, 6. With capacity 3, c holds 3, 5, 7. */
+  for (int i = 0; i < 7; i++)
+    assert_int_equal(put(f, "r", i % 2 ? "d" : "c", i), (uint64_t)i + 1);
+  /* A position that is not c's own still says where the client was. */
+  seen_t s = query(f, "r", "c", 10, "4");
+  assert_true(s.since_found);
+  assert_int_equal(s.count, 2);
+  assert_int_equal(s.seq[0], 5);
+  assert_int_equal(s.seq[1], 7);
+  assert_string_equal(s.text[0], "arq_m5");
+  /* 1 was overwritten: a client at 1 missed nothing, one at 0 missed 1. */
+  s = query(f, "r", "c", 10, "1");
+  assert_true(s.since_found);
+  assert_int_equal(s.count, 3);
+  assert_int_equal(s.seq[0], 3);
+  s = query(f, "r", "c", 10, "2");
+  assert_true(s.since_found);
+  assert_int_equal(s.count, 3);
+  s = query(f, "r", "c", 10, "0");
+  assert_false(s.since_found);
+  assert_int_equal(s.count, 3);
+  /* d was never full. */
+  s = query(f, "r", "d", 10, "0");
+  assert_true(s.since_found);
+  assert_int_equal(s.count, 3);
+  assert_int_equal(s.seq[0], 2);
+  s = query(f, "r", "d", 10, "5");
+  assert_true(s.since_found);
+  assert_int_equal(s.count, 1);
+  assert_int_equal(s.seq[0], 6);
+}
+
+static void test_since_position_recreated_channel(void **state) {
+  fixture_t *f = *state;
+  put(f, "r", "c", 0); /* 1 */
+  put(f, "r", "c", 1); /* 2 */
+  f->h->ops->drop(f->h, "r", "c");
+  put(f, "r", "d", 2); /* 3, while c does not exist */
+  put(f, "r", "c", 3); /* 4: c's new life begins after 3 */
+  put(f, "r", "c", 4); /* 5 */
+  /* A position from c's former life: what followed it there is gone. */
+  seen_t s = query(f, "r", "c", 10, "2");
+  assert_false(s.since_found);
+  assert_int_equal(s.count, 2);
+  assert_int_equal(s.seq[0], 4);
+  assert_int_equal(s.seq[1], 5);
+  s = query(f, "r", "c", 10, "1");
+  assert_false(s.since_found);
+  assert_int_equal(s.count, 2);
+  /* The last position before the new life is not within it either. */
+  s = query(f, "r", "c", 10, "3");
+  assert_false(s.since_found);
+  assert_int_equal(s.count, 2);
+  /* The first position of the new life is. */
+  s = query(f, "r", "c", 10, "4");
+  assert_true(s.since_found);
+  assert_int_equal(s.count, 1);
+  assert_int_equal(s.seq[0], 5);
+  assert_string_equal(s.text[0], "arq_m5");
+  /* "0" is the beginning of the current life: nothing missing. */
+  s = query(f, "r", "c", 10, "0");
+  assert_true(s.since_found);
+  assert_int_equal(s.count, 2);
+  assert_int_equal(s.seq[0], 4);
+  /* Ids of the former life are not found: a gap as well. */
+  s = query(f, "r", "c", 10, "arq_m2");
+  assert_false(s.since_found);
+  assert_int_equal(s.count, 2);
+}
+
+static void test_since_position_recreated_and_wrapped(void **state) {
+  fixture_t *f = *state;
+  put(f, "r", "c", 0); /* 1 */
+  f->h->ops->drop(f->h, "r", "c");
+  for (int i = 1; i < 6; i++)
+    put(f, "r", "c", i); /* 2-6, holds 4, 5, 6 */
+  seen_t s = query(f, "r", "c", 10, "3");
+  assert_true(s.since_found); /* 3 is the newest overwritten */
+  expect_seqs(&s, 4, 3);
+  s = query(f, "r", "c", 10, "2");
+  assert_false(s.since_found);
+  expect_seqs(&s, 4, 3);
+  s = query(f, "r", "c", 10, "1"); /* the former life */
+  assert_false(s.since_found);
+  s = query(f, "r", "c", 10, "0");
+  assert_false(s.since_found);
+  expect_seqs(&s, 4, 3);
 }
 
 int main(void) {
@@ -402,6 +602,13 @@ int main(void) {
       cmocka_unit_test(test_capacity_zero),
       cmocka_unit_test(test_capacity_one),
       cmocka_unit_test(test_many_channels_total),
+      cmocka_unit_test_setup_teardown(test_positions_one_sequence, setup3, teardown),
+      cmocka_unit_test(test_next_position_capacity_zero),
+      cmocka_unit_test_setup_teardown(test_since_position, setup3, teardown),
+      cmocka_unit_test_setup_teardown(test_since_position_zero, setup3, teardown),
+      cmocka_unit_test_setup_teardown(test_since_position_interleaved_channels, setup3, teardown),
+      cmocka_unit_test_setup_teardown(test_since_position_recreated_channel, setup3, teardown),
+      cmocka_unit_test_setup_teardown(test_since_position_recreated_and_wrapped, setup3, teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
