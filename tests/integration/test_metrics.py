@@ -318,12 +318,15 @@ def test_connection_counters_and_gauges(server):
     assert ws.read_http_response()[0] == 400
     ws.close()
     server.wait_metric("arqonbus_connections", lambda v: v == m0["arqonbus_connections"] + 3)
+    # The refused upgrade ends a connection too, counted once it is closed.
+    failed = 'arqonbus_connections_closed_total{reason="handshake_failed"}'
+    server.wait_metric(failed, lambda v: v == m0[failed] + 1)
     m2 = server.metrics()
     assert delta(m2, m0, "arqonbus_clients") == 2 and delta(m2, m0, "arqonbus_telemetry_clients") == 1
     assert delta(m2, m0, "arqonbus_connections_opened_total") == 5
     assert delta(m2, m0, 'arqonbus_connections_closed_total{reason="normal"}') == 1
     closed = family_deltas(m2, m0, "arqonbus_connections_closed_total{")
-    assert sum(closed.values()) == 2, closed
+    assert sum(closed.values()) == 3 and closed[failed] == 1, closed
     assert closed['arqonbus_connections_closed_total{reason="peer_gone"}'] + \
         closed['arqonbus_connections_closed_total{reason="io_error"}'] == 1, closed
     assert family_deltas(m2, m0, "arqonbus_handshake_errors_total{") == {
