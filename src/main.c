@@ -69,7 +69,7 @@ int main(int argc, char **argv) {
   printf("ArqonBus %s is running (%s).\n"
          "  WebSocket bus   ws://%s:%d\n"
          "  Telemetry       ws://%s:%d\n"
-         "  HTTP ops        http://%s:%d/health  /version  /metrics\n"
+         "  HTTP ops        http://%s:%d/health  /version  /metrics  /status  /history\n"
          "Connect with any WebSocket client, e.g.:  python3 -m websockets ws://%s:%d\n"
          "and send:  {\"type\":\"command\",\"command\":\"join_channel\",\"room\":\"science\",\"channel\":\"explore\"}\n"
          "           {\"type\":\"event\",\"room\":\"science\",\"channel\":\"explore\",\"payload\":{\"message\":\"hello\"}}\n"
