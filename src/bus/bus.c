@@ -402,6 +402,8 @@ void arq_bus_error(arq_bus_t *b, arq_client_t *c, const char *correlation_id, co
 
 const char *arq_client_id(const arq_client_t *c) { return c->id; }
 
+arq_history_t *arq_bus_history_backend(const arq_bus_t *b) { return b->history; }
+
 bool arq_bus_is_admin(const arq_bus_t *b, const arq_client_t *c) {
   if (!b->admins[0])
     return true;

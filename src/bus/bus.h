@@ -159,6 +159,9 @@ void arq_bus_quiesce(arq_bus_t *b);
  * is a monotonic clock in milliseconds. */
 void arq_bus_tick(arq_bus_t *b, uint64_t now_ms);
 
+/* Returns the history backend (borrowed). */
+arq_history_t *arq_bus_history_backend(const arq_bus_t *b);
+
 /* Returns the client's id (borrowed). */
 const char *arq_client_id(const arq_client_t *c);
 

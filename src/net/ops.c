@@ -10,6 +10,7 @@
 
 #include "bus/names.h"
 #include "net/conn.h"
+#include "store/history_redis.h"
 #include "store/redis.h"
 #include "obs/log.h"
 #include "util/alloc.h"
@@ -72,7 +73,8 @@ static void serve_metrics(arq_conn_t *c) {
   char *body = arq_malloc(cap);
   arq_storage_state_t storage = {.backend = srv->redis ? "redis" : "memory",
                                  .up = !srv->redis || arq_redis_up(srv->redis),
-                                 .redis = srv->redis ? arq_redis_stats(srv->redis) : NULL};
+                                 .redis = srv->redis ? arq_redis_stats(srv->redis) : NULL,
+                                 .writes = arq_history_redis_stats(arq_bus_history_backend(srv->bus))};
   size_t n = arq_metrics_render(&srv->metrics, &bus, &proc, &storage, srv->ntelemetry, body, cap);
   arq_conn_http_reply(c, 200, "text/plain; version=0.0.4; charset=utf-8", NULL, body, n, ARQ_CLOSE_NORMAL);
   arq_free(body);

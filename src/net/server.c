@@ -14,6 +14,7 @@
 
 #include "net/conn.h"
 #include "net/telemetry.h"
+#include "store/history_redis.h"
 #include "store/redis.h"
 #include "obs/log.h"
 #include "util/alloc.h"
@@ -112,7 +113,9 @@ static arq_bus_t *make_bus(arq_server_t *srv, char *err, size_t cap) {
   o.dashboard_channel = cfg->dashboard_channel;
   arq_bus_io_t io = {.send = bus_send, .close = bus_close, .telemetry = bus_telemetry, .describe = bus_describe,
                      .ud = srv};
-  arq_bus_t *bus = arq_bus_new(&o, &io, arq_history_mem_new(cfg->history_size), err, cap);
+  arq_history_t *history = srv->redis ? arq_history_redis_new(srv->redis, cfg->history_size)
+                                      : arq_history_mem_new(cfg->history_size);
+  arq_bus_t *bus = arq_bus_new(&o, &io, history, err, cap);
   free_names(bootstrap);
   free_names(admins);
   return bus;
@@ -257,6 +260,8 @@ int arq_server_start(arq_server_t *srv, uv_loop_t *loop, const arq_config_t *cfg
   arq_list_init(&srv->pong_wait);
   arq_list_init(&srv->writing);
   arq_list_init(&srv->flush_pending);
+  if (cfg->redis_url[0])
+    srv->redis = arq_redis_new(loop, cfg->redis_url, cfg->redis_timeout_ms, NULL, srv);
   srv->bus = make_bus(srv, err, cap); /* after the lists: arq_server_close() walks them on failure */
   if (!srv->bus)
     return ARQ_EINVAL;
@@ -280,8 +285,6 @@ int arq_server_start(arq_server_t *srv, uv_loop_t *loop, const arq_config_t *cfg
     if (rc != 0)
       return rc;
   }
-  if (cfg->redis_url[0])
-    srv->redis = arq_redis_new(loop, cfg->redis_url, cfg->redis_timeout_ms, NULL, srv);
   uv_timer_start(&srv->tick, on_tick, TICK_MS, TICK_MS);
   uv_check_start(&srv->flush_check, on_check);
   uv_signal_start(&srv->sigint, on_signal, SIGINT);

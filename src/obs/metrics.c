@@ -1,6 +1,7 @@
 /* Counters and the Prometheus text exposition (see metrics.h). */
 #include "obs/metrics.h"
 
+#include "store/history_redis.h"
 #include "store/redis.h"
 
 #include <dirent.h>
@@ -162,6 +163,16 @@ size_t arq_metrics_render(const arq_metrics_t *m, const arq_bus_stats_t *bus, co
     emit(&o, "arqonbus_redis_errors_total %llu\n", (unsigned long long)storage->redis->errors);
     header(&o, "arqonbus_redis_timeouts_total", "counter", "Redis connections dropped for not answering in time.");
     emit(&o, "arqonbus_redis_timeouts_total %llu\n", (unsigned long long)storage->redis->timeouts);
+  }
+  if (storage->writes) {
+    header(&o, "arqonbus_redis_stream_writes_total", "counter",
+           "Messages appended to their Redis stream, by result (skipped: Redis was unreachable).");
+    emit(&o, "arqonbus_redis_stream_writes_total{result=\"written\"} %llu\n",
+         (unsigned long long)storage->writes->written);
+    emit(&o, "arqonbus_redis_stream_writes_total{result=\"failed\"} %llu\n",
+         (unsigned long long)storage->writes->failed);
+    emit(&o, "arqonbus_redis_stream_writes_total{result=\"skipped\"} %llu\n",
+         (unsigned long long)storage->writes->skipped);
   }
   header(&o, "arqonbus_telemetry_clients", "gauge", "Monitoring clients on the telemetry port.");
   emit(&o, "arqonbus_telemetry_clients %llu\n", (unsigned long long)telemetry_clients);

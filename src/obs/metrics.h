@@ -14,6 +14,7 @@
 #include "bus/bus.h"
 
 struct arq_redis_stats;
+struct arq_history_redis_stats;
 
 /* Why a connection ended; the label of arqonbus_connections_closed_total. */
 typedef enum {
@@ -69,6 +70,7 @@ typedef struct arq_storage_state {
   const char *backend;                /* "memory" or "redis" */
   bool up;
   const struct arq_redis_stats *redis; /* NULL in memory-only mode */
+  const struct arq_history_redis_stats *writes; /* stream writes; NULL in memory-only mode */
 } arq_storage_state_t;
 
 /* Writes the exposition of 'm', the bus figures 'bus', the process figures

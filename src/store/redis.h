@@ -29,11 +29,11 @@ typedef void (*arq_redis_state_cb)(void *ud, bool up);
  * which starts connecting at once. */
 arq_redis_t *arq_redis_new(uv_loop_t *loop, const char *url, uint64_t timeout_ms, arq_redis_state_cb cb, void *ud);
 
-/* Sends a command (hiredis format) when connected. Returns 0 and 'fn' will be
+/* Sends a command in hiredis' format (%s a C string, %b a pointer and a
+ * size_t length: binary-safe; not printf's) when connected. Returns 0 and 'fn' will be
  * called exactly once (with a NULL reply if the connection drops first), or
  * ARQ_ECLOSED when not connected ('fn' is not called). */
-int arq_redis_command(arq_redis_t *r, redisCallbackFn *fn, void *privdata, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
+int arq_redis_command(arq_redis_t *r, redisCallbackFn *fn, void *privdata, const char *fmt, ...);
 
 /* True while connected and answering. */
 bool arq_redis_up(const arq_redis_t *r);

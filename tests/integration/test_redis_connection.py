@@ -122,3 +122,55 @@ def test_bad_redis_url_stops_the_start(url):
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "redis_url" in lines[0], p.stderr
+
+
+def stream(redis_server, channel):
+    import redis as redis_py
+    room, ch = channel.split(":")
+    r = redis_py.Redis(host="127.0.0.1", port=redis_server.port)
+    try:
+        return r.xrange("arqon:room:%s:channel:%s" % (room, ch))
+    finally:
+        r.close()
+
+
+def test_stored_messages_are_written_through_to_their_stream(make_server, redis):
+    server = make_server(args=["--redis-url", redis.url, "--redis-timeout", "1s", "--history-size", "5"])
+    wait_health(server, 200, 5)
+    with Bus(server.port, channel="science:explore") as a, Bus(server.port) as b:
+        delivered = []
+        for i in range(8):
+            b.send({"type": "event", "room": "science", "channel": "explore", "payload": {"i": i}})
+            env, _ = a.recv_until(lambda e: e["type"] == "event")
+            delivered.append(env)
+        # Room-wide and private messages are not stored, so not streamed.
+        b.send({"type": "event", "room": "science", "payload": {"room": True}})
+        a.recv_until(lambda e: e["type"] == "event")
+        m = server.wait_metric('arqonbus_redis_stream_writes_total{result="written"}', lambda v: v == 8)
+        assert m == 8
+    entries = stream(redis, "science:explore")
+    # MAXLEN ~ 5 trims approximately: at least the last 5, at most all 8, in order.
+    assert 5 <= len(entries) <= 8
+    tail = delivered[-len(entries):]
+    for (sid, fields), env in zip(entries, tail):
+        assert fields[b"id"].decode() == env["id"]
+        assert fields[b"position"].decode() == env["position"]
+        assert json.loads(fields[b"envelope"]) == env
+    assert stream(redis, "science:general") == []
+
+
+def test_writes_while_redis_is_down_are_skipped_and_counted(make_server, redis):
+    server = make_server(args=["--redis-url", redis.url, "--redis-timeout", "1s"])
+    wait_health(server, 200, 5)
+    redis.kill()
+    wait_health(server, 503, 5)
+    with Bus(server.port, channel="science:explore") as a, Bus(server.port) as b:
+        for i in range(3):
+            b.send({"type": "event", "room": "science", "channel": "explore", "payload": {"i": i}})
+            a.recv_until(lambda e: e["type"] == "event")  # live routing goes on
+        m = server.metrics()
+        assert m['arqonbus_redis_stream_writes_total{result="skipped"}'] == 3
+        assert m['arqonbus_redis_stream_writes_total{result="written"}'] == 0
+        # History is still answered from memory.
+        reply = a.command("history", {"room": "science", "channel": "explore"})
+        assert [e["payload"]["i"] for e in reply["payload"]["messages"]] == [0, 1, 2]
