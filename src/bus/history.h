@@ -74,7 +74,13 @@ struct arq_history {
 };
 
 /* Returns the in-memory backend (caller owns): a ring of 'capacity' messages
- * per channel, the oldest overwritten first. */
+ * per channel, the oldest overwritten first. Positions start at 1. */
 arq_history_t *arq_history_mem_new(size_t capacity);
+/* The same with positions starting at 'first_position' (at least 1). The
+ * server starts them at its start time in milliseconds times 1024, so that a
+ * restarted server never hands out a position an earlier run did (unless that
+ * run averaged over a million stored messages a second), and a client
+ * resuming with a position from before the restart is told of the gap. */
+arq_history_t *arq_history_mem_new_at(size_t capacity, uint64_t first_position);
 
 #endif

@@ -200,11 +200,13 @@ static const arq_history_ops_t mem_ops = {
     .free = mem_free,
 };
 
-arq_history_t *arq_history_mem_new(size_t capacity) {
+arq_history_t *arq_history_mem_new(size_t capacity) { return arq_history_mem_new_at(capacity, 1); }
+
+arq_history_t *arq_history_mem_new_at(size_t capacity, uint64_t first_position) {
   mem_t *m = arq_calloc(1, sizeof *m);
   m->base.ops = &mem_ops;
   m->cap = capacity;
   m->view = arq_calloc(capacity ? capacity : 1, sizeof *m->view);
-  m->next_seq = 1;
+  m->next_seq = first_position ? first_position : 1;
   return &m->base;
 }

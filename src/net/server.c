@@ -113,8 +113,9 @@ static arq_bus_t *make_bus(arq_server_t *srv, char *err, size_t cap) {
   o.dashboard_channel = cfg->dashboard_channel;
   arq_bus_io_t io = {.send = bus_send, .close = bus_close, .telemetry = bus_telemetry, .describe = bus_describe,
                      .ud = srv};
-  arq_history_t *history = srv->redis ? arq_history_redis_new(srv->redis, cfg->history_size)
-                                      : arq_history_mem_new(cfg->history_size);
+  uint64_t first = arq_time_wall_ms() << 10; /* see arq_history_mem_new_at() */
+  arq_history_t *history = srv->redis ? arq_history_redis_new(srv->redis, cfg->history_size, first)
+                                      : arq_history_mem_new_at(cfg->history_size, first);
   arq_bus_t *bus = arq_bus_new(&o, &io, history, err, cap);
   free_names(bootstrap);
   free_names(admins);

@@ -98,10 +98,10 @@ static const arq_history_ops_t redis_ops = {
     .next_position = rh_next_position,
 };
 
-arq_history_t *arq_history_redis_new(arq_redis_t *redis, size_t capacity) {
+arq_history_t *arq_history_redis_new(arq_redis_t *redis, size_t capacity, uint64_t first_position) {
   redis_history_t *h = arq_calloc(1, sizeof *h);
   h->base.ops = &redis_ops;
-  h->mem = arq_history_mem_new(capacity);
+  h->mem = arq_history_mem_new_at(capacity, first_position);
   h->redis = redis;
   h->maxlen = capacity ? capacity : 1;
   return &h->base;

@@ -20,7 +20,7 @@ typedef struct arq_history_redis_stats {
  * 'redis' (borrowed; it must outlive the backend's use, and callbacks it
  * runs after the backend is freed must not happen: free the backend only
  * after arq_redis_close()). */
-arq_history_t *arq_history_redis_new(struct arq_redis *redis, size_t capacity);
+arq_history_t *arq_history_redis_new(struct arq_redis *redis, size_t capacity, uint64_t first_position);
 
 /* Returns the write-through counters of 'h', or NULL when 'h' is not this
  * backend. */

@@ -477,3 +477,24 @@ def test_http_history_since_a_position_equals_the_command(make_server):
         code, got = get_json(s, "/history", room="lab", channel="h", since=since)
         assert code == 400 and got["error"] == "invalid_argument", (since, got)
     pub.close()
+
+
+def test_a_position_from_before_a_restart_is_a_gap(make_server):
+    # Positions start from the server's start time, so a restarted server
+    # never hands out a position of an earlier run, and a client that resumes
+    # with one is told that the history it missed is gone.
+    first = make_server()
+    with Bus(first.port, channel="science:explore") as sub, Bus(first.port) as pub:
+        publish(pub, "science:explore", 3, "before")
+        old = [position_of(sub.recv_until(lambda e: e["type"] == "event")[0]) for _ in range(3)]
+    assert first.stop() == 0
+    second = make_server()
+    with Bus(second.port, channel="science:explore") as sub, Bus(second.port) as pub:
+        publish(pub, "science:explore", 2, "after")
+        new = [position_of(sub.recv_until(lambda e: e["type"] == "event")[0]) for _ in range(2)]
+        assert min(new) > max(old)
+        p = history(sub, "science:explore", since=str(old[-1]))
+        assert p["gap"] is True
+        assert [m["id"] for m in p["messages"]] == ["arq_after0", "arq_after1"]
+        p = history(sub, "science:explore", since=str(new[0]))
+        assert p["gap"] is False and [m["id"] for m in p["messages"]] == ["arq_after1"]
