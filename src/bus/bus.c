@@ -245,15 +245,21 @@ static json_t *server_envelope(arq_bus_t *b, arq_msg_type_t type, const char *ro
 
 void arq_bus_set_telemetry_mask(arq_bus_t *b, uint32_t mask) { b->tel_mask = mask; }
 
-json_t *arq_bus_tel_envelope(arq_bus_t *b, const char *event_type, json_t *payload) {
+/* A telemetry envelope, in a channel when 'room' is not NULL. */
+static json_t *tel_envelope_in(arq_bus_t *b, const char *event_type, const char *room, const char *channel,
+                               json_t *payload) {
   char id[40], ts[32];
   arq_bus_new_id(b, id);
   arq_time_iso8601(arq_time_wall_ms(), ts, sizeof ts);
-  arq_env_out_t o = {.type = ARQ_MSG_TELEMETRY, .id = id, .event_type = event_type, .payload = payload,
-                     .timestamp = ts};
+  arq_env_out_t o = {.type = ARQ_MSG_TELEMETRY, .id = id, .event_type = event_type, .room = room,
+                     .channel = channel, .payload = payload, .timestamp = ts};
   json_t *obj = arq_env_build(&o);
   json_decref(payload);
   return obj;
+}
+
+json_t *arq_bus_tel_envelope(arq_bus_t *b, const char *event_type, json_t *payload) {
+  return tel_envelope_in(b, event_type, NULL, NULL, payload);
 }
 
 void arq_bus_tel(arq_bus_t *b, arq_tel_event_t ev, json_t *payload) {
@@ -297,19 +303,9 @@ void arq_bus_agent_activity(arq_bus_t *b, const arq_client_t *c, const char *act
     json_object_update(payload, fields);
     json_decref(fields);
   }
-  json_t *env = arq_bus_tel_envelope(b, "agent_activity", payload);
-  if (b->dash_room[0]) {
-    json_object_set_new(env, "room", json_string(b->dash_room));
-    json_object_set_new(env, "channel", json_string(b->dash_channel));
-  }
-  /* Keep the protocol's field order: room and channel after eventType. */
-  json_t *ordered = json_object();
-  const char *order[] = {"version", "id", "type", "eventType", "room", "channel", "payload", "timestamp"};
-  for (size_t i = 0; i < sizeof order / sizeof order[0]; i++)
-    json_object_set(ordered, order[i], json_object_get(env, order[i]));
+  json_t *ordered = tel_envelope_in(b, "agent_activity", b->dash_room, b->dash_channel, payload);
   if (arq_bus_tel_wanted(b, ARQ_TEL_AGENT_ACTIVITY))
     b->io.telemetry(b->io.ud, ARQ_TEL_AGENT_ACTIVITY, ordered);
-  json_decref(env);
   if (!b->dash_room[0]) {
     json_decref(ordered);
     return;
@@ -618,6 +614,16 @@ static void deliver_to_channel(arq_bus_t *b, arq_channel_t *ch, const arq_client
   }
 }
 
+/* A message from 'c' to channel e->room:e->channel ('obj' stolen, id 'id'):
+ * stored with its position, then handed to the members. */
+static void publish_to_channel(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const char *id, json_t *obj) {
+  bool created;
+  arq_channel_t *ch = arq_router_ensure(b, e->room, e->channel, &created);
+  arq_rcbuf_t *f = store(b, ch, id, obj);
+  deliver_to_channel(b, ch, c->echo ? NULL : c, f, e->type);
+  arq_rcbuf_unref(f);
+}
+
 static void route_event(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
   if (!e->room[0]) { /* the initial channel (arq_bus_receive checked there is one) */
     strcpy(e->room, c->init_room);
@@ -625,16 +631,12 @@ static void route_event(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
   }
   char id[130];
   json_t *obj = outgoing(b, c, e, id);
-  b->round++;
-  arq_rcbuf_t *f;
   if (e->channel[0]) {
-    bool created;
-    arq_channel_t *ch = arq_router_ensure(b, e->room, e->channel, &created);
-    f = store(b, ch, id, obj);
-    deliver_to_channel(b, ch, c->echo ? NULL : c, f, e->type);
+    publish_to_channel(b, c, e, id, obj);
   } else {
+    b->round++;
     size_t off, len;
-    f = encode(b, obj, &off, &len);
+    arq_rcbuf_t *f = encode(b, obj, &off, &len);
     arq_room_t *r = arq_router_find_room(b, e->room);
     arq_list_t *n, *tmp;
     if (r) {
@@ -649,8 +651,8 @@ static void route_event(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
         }
       }
     }
+    arq_rcbuf_unref(f);
   }
-  arq_rcbuf_unref(f);
 }
 
 /* Client telemetry goes to the telemetry channel (whatever room or channel
@@ -662,15 +664,10 @@ static void route_telemetry(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
   json_t *obj = outgoing(b, c, e, id);
   if (arq_bus_tel_wanted(b, ARQ_TEL_CLIENT_TELEMETRY))
     b->io.telemetry(b->io.ud, ARQ_TEL_CLIENT_TELEMETRY, obj);
-  if (!b->tel_room[0]) {
+  if (b->tel_room[0])
+    publish_to_channel(b, c, e, id, obj);
+  else
     json_decref(obj);
-    return;
-  }
-  bool created;
-  arq_channel_t *ch = arq_router_ensure(b, e->room, e->channel, &created);
-  arq_rcbuf_t *f = store(b, ch, id, obj);
-  deliver_to_channel(b, ch, c->echo ? NULL : c, f, ARQ_MSG_TELEMETRY);
-  arq_rcbuf_unref(f);
 }
 
 static void route_private(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {

@@ -208,16 +208,27 @@ static void slow_consumer(arq_conn_t *c) {
   arq_conn_close(c, ARQ_WS_CLOSE_POLICY, "slow_consumer", ARQ_CLOSE_SLOW_CONSUMER);
 }
 
-bool arq_conn_send(arq_conn_t *c, arq_rcbuf_t *buf) {
-  if (c->state != ARQ_CONN_OPEN)
-    return false;
+/* The one bound on what may be queued to a connection, for data and pongs
+ * alike: max_outbound_queue on the bus, telemetry_queue for monitoring
+ * clients. One frame always fits an empty queue. When it is reached, a bus
+ * client is closed as a slow consumer, while a monitoring client only misses
+ * the frame (an envelope, 'counted', goes into telemetry_dropped): telemetry
+ * never disconnects anyone. Returns true when 'len' more bytes may be queued. */
+static bool admit(arq_conn_t *c, size_t len, bool counted) {
   const arq_config_t *cfg = c->srv->cfg;
-  /* Monitoring clients have their own bound (telemetry_queue): events are
-   * dropped for them instead (net/telemetry.c). */
-  if (c->kind != ARQ_PORT_TELEMETRY && c->outq.bytes > 0 && c->outq.bytes + buf->len > cfg->max_outbound_queue) {
+  size_t limit = c->kind == ARQ_PORT_TELEMETRY ? cfg->telemetry_queue : cfg->max_outbound_queue;
+  if (c->outq.bytes == 0 || c->outq.bytes + len <= limit)
+    return true;
+  if (c->kind == ARQ_PORT_TELEMETRY)
+    c->srv->metrics.telemetry_dropped += counted;
+  else
     slow_consumer(c);
+  return false;
+}
+
+bool arq_conn_send(arq_conn_t *c, arq_rcbuf_t *buf) {
+  if (c->state != ARQ_CONN_OPEN || !admit(c, buf->len, true))
     return false;
-  }
   push(c, arq_rcbuf_ref(buf));
   return true;
 }
@@ -361,16 +372,10 @@ static void on_message(arq_conn_t *c, const arq_ws_msg_t *m) {
                          c->srv->read_ns);
     return;
   case ARQ_WS_OP_PING:
-    if (c->close_sent)
-      return;
     /* Pongs count against the queue bound too: a client that pings and
-     * never reads must not grow its queue without limit. */
-    if (c->kind == ARQ_PORT_BUS && c->outq.bytes > 0 &&
-        c->outq.bytes + m->len + 2 > c->srv->cfg->max_outbound_queue) {
-      slow_consumer(c);
-      return;
-    }
-    push_frame(c, ARQ_WS_OP_PONG, m->data, m->len);
+     * never reads must not grow its queue without limit, on any port. */
+    if (!c->close_sent && admit(c, m->len + 2, false))
+      push_frame(c, ARQ_WS_OP_PONG, m->data, m->len);
     return;
   case ARQ_WS_OP_PONG:
     if (c->awaiting_pong) {

@@ -69,8 +69,9 @@ struct arq_conn {
 void arq_conn_accept(arq_listener_t *l);
 
 /* Queues a reference to the frame 'buf' (borrowed; the queue takes its own
- * reference). Returns false when the connection is not open or was just
- * closed as a slow consumer. */
+ * reference). Returns false when the connection is not open, or its queue is
+ * full: a bus client is then closed as a slow consumer, a monitoring client
+ * misses the frame (counted in telemetry_dropped). */
 bool arq_conn_send(arq_conn_t *c, arq_rcbuf_t *buf);
 
 /* Writes what is queued: a writev now, the rest asynchronously. */

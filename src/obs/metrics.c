@@ -12,8 +12,9 @@
 #include <unistd.h>
 
 static const char *const close_reason_names[ARQ_CLOSE_REASON_COUNT] = {
-    "normal", "shutdown", "protocol_error", "slow_consumer", "heartbeat_timeout",
-    "handshake_failed", "handshake_timeout", "peer_gone", "io_error", "replaced", "malformed",
+    "normal",           "shutdown",          "protocol_error", "slow_consumer", "heartbeat_timeout",
+    "handshake_failed", "handshake_timeout", "peer_gone",      "io_error",      "replaced",
+    "malformed",
 };
 static const uint16_t protocol_codes[3] = {1002, 1007, 1009};
 static const int handshake_statuses[6] = {400, 405, 426, 431, 503, 408};
@@ -55,6 +56,12 @@ __attribute__((format(printf, 2, 3))) static void emit(out_t *o, const char *fmt
 
 static void header(out_t *o, const char *name, const char *type, const char *help) {
   emit(o, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+/* A family of one unlabelled sample. */
+static void series(out_t *o, const char *name, const char *type, const char *help, uint64_t value) {
+  header(o, name, type, help);
+  emit(o, "%s %llu\n", name, (unsigned long long)value);
 }
 
 void arq_process_read(arq_process_t *p) {
@@ -102,8 +109,7 @@ size_t arq_metrics_render(const arq_metrics_t *m, const arq_bus_stats_t *bus, co
   out_t o = {out, cap, 0, 0};
   header(&o, "arqonbus_connections", "gauge", "Open WebSocket connections.");
   emit(&o, "arqonbus_connections %lld\n", (long long)m->connections);
-  header(&o, "arqonbus_connections_opened_total", "counter", "WebSocket handshakes completed.");
-  emit(&o, "arqonbus_connections_opened_total %llu\n", (unsigned long long)m->connections_opened);
+  series(&o, "arqonbus_connections_opened_total", "counter", "WebSocket handshakes completed.", m->connections_opened);
   header(&o, "arqonbus_connections_closed_total", "counter", "Connections ended, by reason.");
   for (int i = 0; i < ARQ_CLOSE_REASON_COUNT; i++)
     emit(&o, "arqonbus_connections_closed_total{reason=\"%s\"} %llu\n", close_reason_names[i],
@@ -116,8 +122,8 @@ size_t arq_metrics_render(const arq_metrics_t *m, const arq_bus_stats_t *bus, co
   for (int i = 0; i < 6; i++)
     emit(&o, "arqonbus_handshake_errors_total{status=\"%d\"} %llu\n", handshake_statuses[i],
          (unsigned long long)m->handshake_errors[i]);
-  header(&o, "arqonbus_slow_consumer_closes_total", "counter", "Clients closed because they could not keep up.");
-  emit(&o, "arqonbus_slow_consumer_closes_total %llu\n", (unsigned long long)m->slow_consumer_closes);
+  series(&o, "arqonbus_slow_consumer_closes_total", "counter", "Clients closed because they could not keep up.",
+         m->slow_consumer_closes);
   header(&o, "arqonbus_messages_received_total", "counter",
          "Messages received from bus clients, by envelope type (invalid: not a valid envelope).");
   for (int t = 0; t < ARQ_MSG_NTYPES; t++)
@@ -133,8 +139,8 @@ size_t arq_metrics_render(const arq_metrics_t *m, const arq_bus_stats_t *bus, co
   for (int c = 0; c < ARQ_CODE_NCODES; c++)
     emit(&o, "arqonbus_errors_total{code=\"%s\"} %llu\n", arq_code_name((arq_code_t)c),
          (unsigned long long)bus->errors[c]);
-  header(&o, "arqonbus_malformed_closes_total", "counter", "Clients closed after too many malformed envelopes in a row.");
-  emit(&o, "arqonbus_malformed_closes_total %llu\n", (unsigned long long)bus->malformed_closes);
+  series(&o, "arqonbus_malformed_closes_total", "counter",
+         "Clients closed after too many malformed envelopes in a row.", bus->malformed_closes);
   header(&o, "arqonbus_routing_latency_seconds", "histogram",
          "Time from a message's arrival to its last recipient's queue (events, private, telemetry).");
   histogram(&o, "arqonbus_routing_latency_seconds", "", &bus->routing);
@@ -144,25 +150,21 @@ size_t arq_metrics_render(const arq_metrics_t *m, const arq_bus_stats_t *bus, co
     snprintf(labels, sizeof labels, "command=\"%s\",", arq_bus_command_name(i));
     histogram(&o, "arqonbus_command_duration_seconds", labels, &bus->commands[i]);
   }
-  header(&o, "arqonbus_clients", "gauge", "Clients connected to the bus.");
-  emit(&o, "arqonbus_clients %llu\n", (unsigned long long)bus->clients);
-  header(&o, "arqonbus_rooms", "gauge", "Rooms that exist.");
-  emit(&o, "arqonbus_rooms %llu\n", (unsigned long long)bus->rooms);
-  header(&o, "arqonbus_channels", "gauge", "Channels that exist.");
-  emit(&o, "arqonbus_channels %llu\n", (unsigned long long)bus->channels);
-  header(&o, "arqonbus_history_messages", "gauge", "Messages held in history, all channels.");
-  emit(&o, "arqonbus_history_messages %llu\n", (unsigned long long)bus->history_messages);
+  series(&o, "arqonbus_clients", "gauge", "Clients connected to the bus.", bus->clients);
+  series(&o, "arqonbus_rooms", "gauge", "Rooms that exist.", bus->rooms);
+  series(&o, "arqonbus_channels", "gauge", "Channels that exist.", bus->channels);
+  series(&o, "arqonbus_history_messages", "gauge", "Messages held in history, all channels.", bus->history_messages);
   header(&o, "arqonbus_storage_up", "gauge", "Whether the history backend is available (1) or degraded (0).");
   emit(&o, "arqonbus_storage_up{backend=\"%s\"} %d\n", storage->backend, storage->up ? 1 : 0);
   if (storage->redis) {
-    header(&o, "arqonbus_redis_connects_total", "counter", "Connections to Redis established.");
-    emit(&o, "arqonbus_redis_connects_total %llu\n", (unsigned long long)storage->redis->connects);
-    header(&o, "arqonbus_redis_disconnects_total", "counter", "Connections to Redis lost.");
-    emit(&o, "arqonbus_redis_disconnects_total %llu\n", (unsigned long long)storage->redis->disconnects);
-    header(&o, "arqonbus_redis_errors_total", "counter", "Redis commands that failed or got an error reply.");
-    emit(&o, "arqonbus_redis_errors_total %llu\n", (unsigned long long)storage->redis->errors);
-    header(&o, "arqonbus_redis_timeouts_total", "counter", "Redis connections dropped for not answering in time.");
-    emit(&o, "arqonbus_redis_timeouts_total %llu\n", (unsigned long long)storage->redis->timeouts);
+    series(&o, "arqonbus_redis_connects_total", "counter", "Connections to Redis established.",
+           storage->redis->connects);
+    series(&o, "arqonbus_redis_disconnects_total", "counter", "Connections to Redis lost.",
+           storage->redis->disconnects);
+    series(&o, "arqonbus_redis_errors_total", "counter", "Redis commands that failed or got an error reply.",
+           storage->redis->errors);
+    series(&o, "arqonbus_redis_timeouts_total", "counter", "Redis connections dropped for not answering in time.",
+           storage->redis->timeouts);
   }
   if (storage->writes) {
     header(&o, "arqonbus_redis_stream_writes_total", "counter",
@@ -174,27 +176,19 @@ size_t arq_metrics_render(const arq_metrics_t *m, const arq_bus_stats_t *bus, co
     emit(&o, "arqonbus_redis_stream_writes_total{result=\"skipped\"} %llu\n",
          (unsigned long long)storage->writes->skipped);
   }
-  header(&o, "arqonbus_telemetry_clients", "gauge", "Monitoring clients on the telemetry port.");
-  emit(&o, "arqonbus_telemetry_clients %llu\n", (unsigned long long)telemetry_clients);
-  header(&o, "arqonbus_telemetry_events_total", "counter", "Telemetry events published to monitoring clients.");
-  emit(&o, "arqonbus_telemetry_events_total %llu\n", (unsigned long long)m->telemetry_events);
-  header(&o, "arqonbus_telemetry_dropped_total", "counter",
-         "Telemetry envelopes dropped because a monitoring client's queue was full.");
-  emit(&o, "arqonbus_telemetry_dropped_total %llu\n", (unsigned long long)m->telemetry_dropped);
-  header(&o, "arqonbus_received_bytes_total", "counter", "Bytes read from WebSocket clients.");
-  emit(&o, "arqonbus_received_bytes_total %llu\n", (unsigned long long)m->bytes_in);
-  header(&o, "arqonbus_sent_bytes_total", "counter", "Bytes written to WebSocket clients.");
-  emit(&o, "arqonbus_sent_bytes_total %llu\n", (unsigned long long)m->bytes_out);
-  header(&o, "arqonbus_http_requests_total", "counter", "Requests served on the ops port.");
-  emit(&o, "arqonbus_http_requests_total %llu\n", (unsigned long long)m->http_requests);
+  series(&o, "arqonbus_telemetry_clients", "gauge", "Monitoring clients on the telemetry port.", telemetry_clients);
+  series(&o, "arqonbus_telemetry_events_total", "counter", "Telemetry events published to monitoring clients.",
+         m->telemetry_events);
+  series(&o, "arqonbus_telemetry_dropped_total", "counter",
+         "Telemetry envelopes dropped because a monitoring client's queue was full.", m->telemetry_dropped);
+  series(&o, "arqonbus_received_bytes_total", "counter", "Bytes read from WebSocket clients.", m->bytes_in);
+  series(&o, "arqonbus_sent_bytes_total", "counter", "Bytes written to WebSocket clients.", m->bytes_out);
+  series(&o, "arqonbus_http_requests_total", "counter", "Requests served on the ops port.", m->http_requests);
   header(&o, "arqonbus_start_time_seconds", "gauge", "Start time of the process since the Unix epoch.");
   emit(&o, "arqonbus_start_time_seconds %llu.%03llu\n", (unsigned long long)(m->start_time_ms / 1000),
        (unsigned long long)(m->start_time_ms % 1000));
-  header(&o, "arqonbus_process_resident_memory_bytes", "gauge", "Resident memory of the process.");
-  emit(&o, "arqonbus_process_resident_memory_bytes %llu\n", (unsigned long long)p->resident_bytes);
-  header(&o, "arqonbus_process_open_fds", "gauge", "Open file descriptors of the process.");
-  emit(&o, "arqonbus_process_open_fds %llu\n", (unsigned long long)p->open_fds);
-  header(&o, "arqonbus_process_max_fds", "gauge", "File descriptor limit of the process.");
-  emit(&o, "arqonbus_process_max_fds %llu\n", (unsigned long long)p->max_fds);
+  series(&o, "arqonbus_process_resident_memory_bytes", "gauge", "Resident memory of the process.", p->resident_bytes);
+  series(&o, "arqonbus_process_open_fds", "gauge", "Open file descriptors of the process.", p->open_fds);
+  series(&o, "arqonbus_process_max_fds", "gauge", "File descriptor limit of the process.", p->max_fds);
   return o.overflow ? 0 : o.len;
 }

@@ -17,6 +17,8 @@
 #include "store/redis.h"
 #include "util/alloc.h"
 
+#define MAX_IN_FLIGHT 65536 /* appends sent but not yet answered */
+
 typedef struct redis_history {
   arq_history_t base;
   arq_history_t *mem;
@@ -42,6 +44,12 @@ static uint64_t rh_append(arq_history_t *base, const char *room, const char *cha
   uint64_t pos = h->mem->ops->append(h->mem, room, channel, id, frame, off, len);
   if (pos == 0)
     return 0;
+  /* A Redis that is slow but still answering must not let appends pile up
+   * in hiredis' output buffer without bound: past the cap they are skipped. */
+  if (h->st.pending - h->st.written - h->st.failed >= MAX_IN_FLIGHT) {
+    h->st.skipped++;
+    return pos;
+  }
   char key[2 * 64 + 40], position[24], maxlen[24];
   snprintf(key, sizeof key, "arqon:room:%s:channel:%s", room, channel);
   snprintf(position, sizeof position, "%llu", (unsigned long long)pos);

@@ -103,6 +103,37 @@ def test_pinging_client_that_never_reads_is_closed_as_slow_consumer(make_server)
     healthy.close()
 
 
+def test_monitoring_client_pinging_without_reading_is_bounded_not_closed(make_server):
+    """On the telemetry port the same bound (telemetry_queue) holds for pongs,
+    but a monitoring client is never disconnected: pongs beyond the bound
+    are simply not queued, so ~60 MB of pings leave the server small."""
+    server = make_server(args=["--telemetry-queue", "64KiB", "--write-timeout", "60s"])
+    healthy = Bus(server.port, timeout=TIMEOUT)
+    ws = RawWS(server.telemetry_port, timeout=TIMEOUT)
+    ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    chunk = masked_frame(OP_PING, b"p" * 125) * 8000
+    sent = 0
+    base = server.metrics()[RSS]
+    ws.sock.settimeout(2 * SLOW)
+    for _ in range(60):
+        try:
+            ws.sock.sendall(chunk)
+        except socket.timeout:
+            break  # the server stopped reading: nothing more can pile up
+        sent += len(chunk)
+        pong_of(healthy)
+    m = server.metrics()
+    assert sent >= 30e6, "the server stopped reading pings after %d bytes" % sent
+    # Queued pongs would be about as large as the pings sent.
+    assert m[RSS] - base < 20e6, "resident memory grew %.0f MB with %d MB of pings" % (
+        (m[RSS] - base) / 1e6, sent // 1000000)
+    assert m["arqonbus_telemetry_clients"] == 1  # still connected
+    assert m[SLOW_CLOSES] == 0
+    pong_of(healthy)
+    ws.close()
+    healthy.close()
+
+
 def test_pings_that_are_read_are_all_answered(make_server):
     """The bound is about what is queued: a client that reads its pongs may
     ping as much as it likes (far more than the 64 KiB bound in total)."""
