@@ -42,26 +42,12 @@ static bool target(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_
   strcpy(t->channel, e->channel);
   json_t *p = e->payload;
   if (!t->room[0] && p && (json_object_get(p, "room") || json_object_get(p, "channel"))) {
-    /* The same rules as the envelope's own fields: reuse its parser. */
-    json_t *probe = json_pack("{s:s}", "type", "event");
-    json_t *r = json_object_get(p, "room"), *ch = json_object_get(p, "channel");
-    if (r)
-      json_object_set(probe, "room", r);
-    if (ch)
-      json_object_set(probe, "channel", ch);
-    char *text = json_dumps(probe, JSON_COMPACT);
-    json_decref(probe);
-    arq_env_t pe;
+    /* The same rules as the envelope's own fields. */
     arq_env_error_t err;
-    int rc = arq_env_parse(&pe, text, strlen(text), &err);
-    free(text);
-    if (rc != 0) {
+    if (arq_env_target(json_object_get(p, "room"), json_object_get(p, "channel"), t->room, t->channel, &err) != 0) {
       arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_INVALID_ARGUMENT, NULL, "%s", err.message);
       return false;
     }
-    strcpy(t->room, pe.room);
-    strcpy(t->channel, pe.channel);
-    arq_env_free(&pe);
   }
   if (need_channel && !t->channel[0]) {
     arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_INVALID_ARGUMENT, NULL,

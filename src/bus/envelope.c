@@ -191,7 +191,8 @@ static int name_field(json_t *v, const char *key, const char **out, arq_env_erro
   return 0;
 }
 
-static int split_target(arq_env_t *e, const char *room, const char *channel, arq_env_error_t *err) {
+static int split_target(char *room_out, char *channel_out, const char *room, const char *channel,
+                        arq_env_error_t *err) {
   char r[ARQ_NAME_MAX + 1] = "", c[ARQ_NAME_MAX + 1] = "";
   if (channel && strchr(channel, ':')) {
     if (arq_names_split(channel, r, c) != 0 || !c[0])
@@ -224,9 +225,17 @@ static int split_target(arq_env_t *e, const char *room, const char *channel, arq
   }
   if (c[0] && !r[0])
     return fail(err, ARQ_CODE_INVALID_ENVELOPE, "\"channel\" needs a \"room\" (or write \"room:channel\")");
-  strcpy(e->room, r);
-  strcpy(e->channel, c);
+  strcpy(room_out, r);
+  strcpy(channel_out, c);
   return 0;
+}
+
+int arq_env_target(json_t *room, json_t *channel, char *room_out, char *channel_out, arq_env_error_t *err) {
+  const char *r = NULL, *c = NULL;
+  err->correlation_id[0] = '\0';
+  if ((room && name_field(room, "room", &r, err) != 0) || (channel && name_field(channel, "channel", &c, err) != 0))
+    return ARQ_EINVAL;
+  return split_target(room_out, channel_out, r, c, err) != 0 ? ARQ_EINVAL : 0;
 }
 
 static int recipients(json_t *v, arq_env_error_t *err) {
@@ -345,7 +354,7 @@ static int validate(arq_env_t *e, arq_env_error_t *err) {
   }
   if (!has_type)
     return fail(err, ARQ_CODE_INVALID_ENVELOPE, "\"type\" is required (event, command, private or telemetry)");
-  if (split_target(e, room, channel, err) != 0)
+  if (split_target(e->room, e->channel, room, channel, err) != 0)
     return ARQ_EINVAL;
   if (e->command && e->type != ARQ_MSG_COMMAND)
     return fail(err, ARQ_CODE_INVALID_ENVELOPE, "\"command\" belongs to command envelopes only");

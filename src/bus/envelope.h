@@ -96,6 +96,13 @@ int arq_env_parse(arq_env_t *e, const char *data, size_t len, arq_env_error_t *e
 /* Releases what 'e' holds. Safe on a zeroed or already freed envelope. */
 void arq_env_free(arq_env_t *e);
 
+/* Reads a room and a channel ('room', 'channel': JSON values, either may be
+ * NULL) by the rules of the envelope's own fields ("room:channel" in one of
+ * them included) into 'room_out' and 'channel_out' (ARQ_NAME_MAX + 1 bytes,
+ * "" when absent). Returns 0, or ARQ_EINVAL with 'err' filled. For command
+ * arguments given in a payload. */
+int arq_env_target(json_t *room, json_t *channel, char *room_out, char *channel_out, arq_env_error_t *err);
+
 /* True when 's' is a well-formed message id ("arq_" and 1-124 of A-Z a-z 0-9 _ -). */
 bool arq_env_valid_id(const char *s);
 /* True when 's' is an ISO-8601 UTC timestamp as the protocol allows. */
