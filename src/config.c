@@ -57,7 +57,9 @@ typedef enum {
   T_CHANNELS, /* char *: comma-separated room:channel names, may be empty */
   T_IDS,      /* char *: comma-separated client ids, may be empty */
   T_CHANNEL,  /* char *: one room:channel name, or empty */
-  T_REDIS,    /* char *: a redis:// URL, or empty */
+  T_REDIS,    /* char *: comma-separated redis:// URLs, or empty */
+  T_BOOL,     /* bool: true/false, yes/no, on/off, 1/0 */
+  T_NODE,     /* char *: a node name (as a client id), or empty */
 } kind_t;
 
 typedef struct setting {
@@ -77,6 +79,7 @@ typedef struct setting {
 #define INT(f) FIELD(f, int)
 #define U64(f) FIELD(f, uint64_t)
 #define FMT(f) FIELD(f, arq_logfmt_t)
+#define BOOL(f) FIELD(f, bool)
 
 /* The order is the order of --help and of docs/configuration.md. */
 static const setting_t settings[] = {
@@ -133,9 +136,24 @@ static const setting_t settings[] = {
     {"stats_log_interval", T_DURATION, U64(stats_log_interval_ms), 0, 24 * HOUR, "60s",
      "how often a stats line is logged; 0 turns it off"},
     {"redis_url", T_REDIS, STR(redis_url), 0, 0, "",
-     "Redis to connect to, redis://[:password@]host[:port][/db]; empty runs in memory only"},
+     "Redis to store history in and share with other nodes, redis://[:password@]host[:port][/db]; several "
+     "comma-separated URLs spread channels over them by a hash of the name (every node must list the same ones in "
+     "the same order); empty runs in memory only"},
     {"redis_timeout", T_DURATION, U64(redis_timeout_ms), 1, 60 * MIN, "2s",
      "how long Redis may leave a request unanswered before the connection counts as lost"},
+    {"redis_strict", T_BOOL, BOOL(redis_strict), 0, 0, "false",
+     "refuse publishes with storage_unavailable while Redis is unreachable, instead of delivering them on this node "
+     "and writing them back later"},
+    {"redis_buffer_messages", T_COUNT, U64(redis_buffer_messages), 0, 10000000, "10000",
+     "most messages held in memory while Redis is unreachable; beyond it publishes get storage_unavailable"},
+    {"redis_buffer_bytes", T_SIZE, U64(redis_buffer_bytes), 0, 4 * GIB, "64MiB",
+     "most bytes of messages held in memory while Redis is unreachable"},
+    {"history_max_age", T_DURATION, U64(history_max_age_ms), 0, 365 * 24 * HOUR, "0",
+     "with Redis, streams are also trimmed to messages younger than this; 0 trims by count only"},
+    {"node_id", T_NODE, STR(node_id), 0, 0, "",
+     "this node's name among the nodes sharing Redis (1-64 of A-Z a-z 0-9 _ - . @); empty picks a random one"},
+    {"node_ttl", T_DURATION, U64(node_ttl_ms), 1000, 10 * MIN, "10s",
+     "with Redis, how long the clients of a node that stopped answering stay present on the other nodes"},
 };
 
 #define NSETTINGS (sizeof settings / sizeof settings[0])
@@ -292,7 +310,13 @@ static void expected(const setting_t *s, char *buf, size_t cap) {
     snprintf(buf, cap, "one room:channel name (names: 1-64 of A-Z a-z 0-9 _ - .), or empty");
     break;
   case T_REDIS:
-    snprintf(buf, cap, "redis://[:password@]host[:port][/db], or empty");
+    snprintf(buf, cap, "redis://[:password@]host[:port][/db] (several separated by commas), or empty");
+    break;
+  case T_BOOL:
+    snprintf(buf, cap, "true or false");
+    break;
+  case T_NODE:
+    snprintf(buf, cap, "a name of 1-64 of A-Z a-z 0-9 _ - . @, or empty");
     break;
   }
 }
@@ -313,13 +337,15 @@ static char *parse_list(const char *text, kind_t kind) {
     while (end > start && (end[-1] == ' ' || end[-1] == '\t'))
       end--;
     size_t len = (size_t)(end - start);
-    char item[2 * ARQ_NAME_MAX + 2], room[ARQ_NAME_MAX + 1], channel[ARQ_NAME_MAX + 1];
-    bool ok = len > 0 && len < sizeof item;
+    char item[512], room[ARQ_NAME_MAX + 1], channel[ARQ_NAME_MAX + 1], why[160];
+    arq_redis_url_t url;
+    bool ok = len > 0 && len < (kind == T_REDIS ? sizeof item : 2 * ARQ_NAME_MAX + 2);
     if (ok) {
       memcpy(item, start, len);
       item[len] = '\0';
-      ok = kind == T_IDS ? arq_names_valid_client_id(item, len)
-                         : arq_names_split(item, room, channel) == 0 && channel[0] != '\0';
+      ok = kind == T_IDS     ? arq_names_valid_client_id(item, len)
+           : kind == T_REDIS ? arq_redis_parse_url(item, &url, why, sizeof why) == 0
+                             : arq_names_split(item, room, channel) == 0 && channel[0] != '\0';
     }
     if (!ok) {
       arq_free(out);
@@ -427,14 +453,29 @@ static int set_value(arq_config_t *c, const setting_t *s, const char *text, cons
     return 0;
   }
   case T_REDIS: {
-    arq_redis_url_t u;
-    char why[160];
-    if (text[0] && arq_redis_parse_url(text, &u, why, sizeof why) != 0)
+    char *list = parse_list(text, T_REDIS);
+    if (!list)
+      goto invalid;
+    arq_free(*(char **)field);
+    *(char **)field = list;
+    return 0;
+  }
+  case T_BOOL:
+    if (strcasecmp(text, "true") == 0 || strcasecmp(text, "yes") == 0 || strcasecmp(text, "on") == 0 ||
+        strcmp(text, "1") == 0)
+      *(bool *)field = true;
+    else if (strcasecmp(text, "false") == 0 || strcasecmp(text, "no") == 0 || strcasecmp(text, "off") == 0 ||
+             strcmp(text, "0") == 0)
+      *(bool *)field = false;
+    else
+      goto invalid;
+    return 0;
+  case T_NODE:
+    if (text[0] && !arq_names_valid_client_id(text, strlen(text)))
       goto invalid;
     arq_free(*(char **)field);
     *(char **)field = arq_strdup(text);
     return 0;
-  }
   case T_LOGFMT:
     if (strcasecmp(text, "logfmt") == 0)
       *(arq_logfmt_t *)field = ARQ_LOGFMT_LOGFMT;
@@ -478,6 +519,8 @@ void arq_config_free(arq_config_t *c) {
   c->dashboard_channel = NULL;
   arq_free(c->redis_url);
   c->redis_url = NULL;
+  arq_free(c->node_id);
+  c->node_id = NULL;
 }
 
 /* ---- the YAML file ------------------------------------------------------ */
@@ -867,6 +910,10 @@ static const char *metavar(kind_t kind) {
     return "CHANNEL";
   case T_REDIS:
     return "URL";
+  case T_BOOL:
+    return "BOOL";
+  case T_NODE:
+    return "NAME";
   }
   return "VALUE";
 }

@@ -51,6 +51,12 @@ typedef struct arq_config {
   uint64_t stats_log_interval_ms;/* the stats log line, 0 off */
   char *redis_url;               /* "" for memory only */
   uint64_t redis_timeout_ms;     /* an unanswered Redis request ends the connection */
+  bool redis_strict;             /* refuse publishes Redis cannot take */
+  uint64_t redis_buffer_messages;/* outage buffer bounds */
+  uint64_t redis_buffer_bytes;
+  uint64_t history_max_age_ms;   /* streams trimmed by age too; 0 off */
+  char *node_id;                 /* "" picks one */
+  uint64_t node_ttl_ms;          /* presence of a silent node */
   char *config_file;             /* the file read, NULL when none */
 } arq_config_t;
 

@@ -206,14 +206,15 @@ static arq_rcbuf_t *encode(arq_bus_t *b, json_t *obj, size_t *off, size_t *len) 
 }
 
 /* Encodes 'obj' (stolen), a message with id 'id' for channel 'ch', with the
- * position history gives it, stores it and returns the frame (one reference,
- * caller owns): what is delivered is exactly what history keeps. */
-static arq_rcbuf_t *store(arq_bus_t *b, arq_channel_t *ch, const char *id, json_t *obj) {
-  char pos[24] = "";
+ * position history gives it ('pos', 24 bytes: "" when none), stores it and
+ * returns the frame (one reference, caller owns): what is delivered is
+ * exactly what history keeps. */
+static arq_rcbuf_t *store(arq_bus_t *b, arq_channel_t *ch, const char *id, json_t *obj, char *pos) {
+  pos[0] = '\0';
   const arq_history_ops_t *ops = b->history->ops;
   uint64_t p = ops->next_position ? ops->next_position(b->history, ch->room->name, ch->name) : 0;
   if (p)
-    snprintf(pos, sizeof pos, "%llu", (unsigned long long)p);
+    snprintf(pos, 24, "%llu", (unsigned long long)p);
   size_t off, len;
   arq_rcbuf_t *f = arq_env_frame_at(obj, pos, &b->scratch, &off, &len);
   json_decref(obj);
@@ -239,6 +240,20 @@ static json_t *server_envelope(arq_bus_t *b, arq_msg_type_t type, const char *ro
   json_t *obj = arq_env_build(&o);
   json_decref(payload);
   return obj;
+}
+
+/* The acknowledgement of message 'id' to its sender: stored in
+ * 'room':'channel' at 'position' ("" or NULL: the message is not stored,
+ * it was routed). */
+static void send_ack(arq_bus_t *b, arq_client_t *c, const char *id, const char *room, const char *channel,
+                     const char *position) {
+  json_t *payload = json_pack("{s:s, s:s}", "event", "ack", "id", id);
+  if (position && position[0])
+    json_object_set_new(payload, "position", json_string(position));
+  arq_bus_send_to(b, c,
+                  server_envelope(b, ARQ_MSG_SYSTEM, room && room[0] ? room : NULL,
+                                  channel && channel[0] ? channel : NULL, NULL, payload, id),
+                  ARQ_MSG_SYSTEM);
 }
 
 /* ---- telemetry ---------------------------------------------------------- */
@@ -289,6 +304,8 @@ static bool is_agent(const arq_client_t *c) { return c->type == ARQ_CLIENT_AI_AG
 
 static void deliver_to_channel(arq_bus_t *b, arq_channel_t *ch, const arq_client_t *skip, arq_rcbuf_t *f,
                                arq_msg_type_t type);
+static void publish(arq_bus_t *b, arq_channel_t *ch, arq_client_t *c, const char *id, json_t *obj,
+                    arq_msg_type_t type, bool ack);
 
 void arq_bus_agent_activity(arq_bus_t *b, const arq_client_t *c, const char *activity, json_t *fields) {
   if (!is_agent(c) || b->quiet || (!b->dash_room[0] && !arq_bus_tel_wanted(b, ARQ_TEL_AGENT_ACTIVITY))) {
@@ -314,9 +331,7 @@ void arq_bus_agent_activity(arq_bus_t *b, const arq_client_t *c, const char *act
   arq_channel_t *ch = arq_router_ensure(b, b->dash_room, b->dash_channel, &created);
   char id[40];
   snprintf(id, sizeof id, "%s", json_string_value(json_object_get(ordered, "id")));
-  arq_rcbuf_t *f = store(b, ch, id, ordered);
-  deliver_to_channel(b, ch, NULL, f, ARQ_MSG_TELEMETRY);
-  arq_rcbuf_unref(f);
+  publish(b, ch, NULL, id, ordered, ARQ_MSG_TELEMETRY, false);
 }
 
 void arq_bus_notify(arq_bus_t *b, arq_channel_t *ch, const arq_client_t *skip, const char *event, json_t *fields) {
@@ -614,14 +629,76 @@ static void deliver_to_channel(arq_bus_t *b, arq_channel_t *ch, const arq_client
   }
 }
 
-/* A message from 'c' to channel e->room:e->channel ('obj' stolen, id 'id'):
- * stored with its position, then handed to the members. */
+/* A message for channel 'ch' ('obj' stolen, id 'id') from 'c' (NULL: the
+ * server's own): stored with its position, then handed to the members; or,
+ * in cluster mode, handed to the shell, which stores it and has every node
+ * deliver it. 'ack': the sender asked for an acknowledgement. */
+static void publish(arq_bus_t *b, arq_channel_t *ch, arq_client_t *c, const char *id, json_t *obj,
+                    arq_msg_type_t type, bool ack) {
+  if (b->io.append) {
+    arq_bus_pub_t *p = arq_calloc(1, sizeof *p);
+    snprintf(p->room, sizeof p->room, "%s", ch->room->name);
+    snprintf(p->channel, sizeof p->channel, "%s", ch->name);
+    snprintf(p->id, sizeof p->id, "%s", id);
+    p->type = type;
+    p->ack = ack;
+    if (c) {
+      snprintf(p->from, sizeof p->from, "%s", c->id);
+      p->skip_sender = !c->echo;
+      p->client = c;
+      arq_bus_client_ref(c);
+    }
+    arq_env_dump(obj, &b->scratch);
+    json_decref(obj);
+    p->json = arq_strndup(b->scratch.data, b->scratch.len);
+    p->len = b->scratch.len;
+    ch->messages++;
+    b->io.append(b->io.ud, p);
+    return;
+  }
+  char pos[24];
+  arq_rcbuf_t *f = store(b, ch, id, obj, pos);
+  deliver_to_channel(b, ch, c && !c->echo ? c : NULL, f, type);
+  arq_rcbuf_unref(f);
+  if (ack && c)
+    send_ack(b, c, id, ch->room->name, ch->name, pos);
+}
+
 static void publish_to_channel(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const char *id, json_t *obj) {
   bool created;
   arq_channel_t *ch = arq_router_ensure(b, e->room, e->channel, &created);
-  arq_rcbuf_t *f = store(b, ch, id, obj);
-  deliver_to_channel(b, ch, c->echo ? NULL : c, f, e->type);
-  arq_rcbuf_unref(f);
+  publish(b, ch, c, id, obj, e->type, e->ack);
+}
+
+void arq_bus_pub_done(arq_bus_t *b, arq_bus_pub_t *p, int status, const char *position) {
+  enter(b);
+  arq_client_t *c = p->client;
+  if (c && !c->gone) {
+    if (status == 0 && p->ack)
+      send_ack(b, c, p->id, p->room, p->channel, position);
+    else if (status != 0)
+      arq_bus_error(b, c, p->id, NULL, ARQ_CODE_STORAGE_UNAVAILABLE,
+                    json_pack("{s:s, s:s, s:s}", "room", p->room, "channel", p->channel, "id", p->id),
+                    "the message was not stored (storage is unavailable) and was not delivered");
+  }
+  if (c)
+    arq_bus_client_unref(c);
+  arq_free(p->json);
+  arq_free(p);
+  leave(b);
+}
+
+void arq_bus_deliver(arq_bus_t *b, const char *room, const char *channel, arq_rcbuf_t *frame, arq_msg_type_t type,
+                     const char *skip) {
+  arq_channel_t *ch = arq_router_find(b, room, channel);
+  if (!ch || ch->nmembers == 0)
+    return;
+  enter(b);
+  arq_client_t *sc = NULL;
+  if (skip && skip[0])
+    HASH_FIND_STR(b->clients, skip, sc);
+  deliver_to_channel(b, ch, sc, frame, type);
+  leave(b);
 }
 
 static void route_event(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
@@ -652,6 +729,8 @@ static void route_event(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
       }
     }
     arq_rcbuf_unref(f);
+    if (e->ack)
+      send_ack(b, c, id, e->room, NULL, NULL);
   }
 }
 
@@ -691,6 +770,8 @@ static void route_private(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
     deliver(b, m, f, ARQ_MSG_PRIVATE);
   }
   arq_rcbuf_unref(f);
+  if (e->ack)
+    send_ack(b, c, id, NULL, NULL, NULL);
   if (json_array_size(unknown) > 0) {
     arq_bus_error(b, c, e->id, NULL, ARQ_CODE_NOT_FOUND, json_pack("{s:o}", "unknown", unknown),
                   "%zu of %zu recipients are not connected; the others got the message", json_array_size(unknown), n);

@@ -52,6 +52,22 @@ const char *arq_tel_name(arq_tel_event_t ev);
 /* Returns the event named by the 'n' bytes at 's', or -1. */
 int arq_tel_parse(const char *s, size_t n);
 
+/* A message for a channel that the bus hands to the shell in cluster mode
+ * (arq_bus_io_t.append): the shell stores it, has every node deliver it
+ * (arq_bus_deliver), and ends it with arq_bus_pub_done(). */
+typedef struct arq_bus_pub {
+  char room[ARQ_NAME_MAX + 1];
+  char channel[ARQ_NAME_MAX + 1];
+  char id[ARQ_ENV_MAX_ID + 1];
+  char from[ARQ_NAME_MAX + 1]; /* the sending client, "" for the server's own messages */
+  bool skip_sender;            /* the sender does not get it back (its echo is off) */
+  arq_msg_type_t type;         /* event or telemetry */
+  char *json;                  /* the envelope as delivered, without "position" (owned) */
+  size_t len;
+  bool ack;                    /* the sender asked for an acknowledgement */
+  arq_client_t *client;        /* the sender, referenced until done; NULL for the server's own */
+} arq_bus_pub_t;
+
 /* How the bus reaches connections. 'conn' is the shell's handle. */
 typedef struct arq_bus_io {
   /* Queues 'frame' (borrowed; take a reference to keep it). Returns false
@@ -67,6 +83,12 @@ typedef struct arq_bus_io {
    * already disconnected the client on 'conn': the shell must forget it and
    * never pass it to the bus again. */
   void (*close)(void *ud, void *conn, uint16_t code, const char *why);
+  /* Cluster mode only (NULL: the bus stores and delivers channel messages
+   * itself). Takes 'p' (owned by the shell until arq_bus_pub_done). */
+  void (*append)(void *ud, arq_bus_pub_t *p);
+  /* Cluster mode: channel 'room':'channel' got its first member here ('on')
+   * or lost its last one. May be NULL. */
+  void (*interest)(void *ud, const char *room, const char *channel, bool on);
   void *ud;
 } arq_bus_io_t;
 
@@ -149,6 +171,17 @@ json_t *arq_bus_tel_envelope(arq_bus_t *b, const char *event_type, json_t *paylo
  * or 400 and {"error": code, "message": ...}. */
 void arq_bus_history(arq_bus_t *b, const char *room, const char *channel, long long limit, const char *since,
                      void (*done)(void *ud, int status, json_t *body), void *ud);
+
+/* Ends a message handed to io.append: 'status' 0 when it was stored at
+ * 'position' (the sender gets its acknowledgement if it asked), else the
+ * sender gets a storage_unavailable error naming the message. Frees 'p'. */
+void arq_bus_pub_done(arq_bus_t *b, arq_bus_pub_t *p, int status, const char *position);
+
+/* Delivers 'frame' (borrowed), a stored message of type 'type' for channel
+ * 'room':'channel', to the channel's members on this node, except the client
+ * 'skip' (an id; NULL or "" for none). Cluster mode. */
+void arq_bus_deliver(arq_bus_t *b, const char *room, const char *channel, arq_rcbuf_t *frame, arq_msg_type_t type,
+                     const char *skip);
 
 /* Tells the bus that every client is about to go (a shutdown): departures
  * are no longer announced to the channels, which would only queue a flood of

@@ -22,6 +22,7 @@ static const char *const code_names[ARQ_CODE_NCODES] = {
     "invalid_json",      "invalid_envelope", "unsupported_version", "unknown_type",
     "unsupported_frame", "payload_too_large", "unknown_command",    "invalid_argument",
     "not_found",         "already_exists",    "forbidden",          "internal_error",
+    "storage_unavailable",
 };
 
 const char *arq_msg_type_name(arq_msg_type_t t) { return (unsigned)t < ARQ_MSG_NTYPES ? type_names[t] : "?"; }
@@ -271,7 +272,7 @@ static int type_of(json_t *v, arq_msg_type_t *t, arq_env_error_t *err) {
 static bool known_key(const char *k) {
   static const char *const keys[] = {"version", "id",      "type",     "room",      "channel",        "from",
                                      "to",      "command", "payload",  "metadata",  "timestamp",      "correlation_id",
-                                     "eventType", "position", NULL};
+                                     "eventType", "position", "ack", NULL};
   for (int i = 0; keys[i]; i++)
     if (strcmp(k, keys[i]) == 0)
       return true;
@@ -325,6 +326,10 @@ static int validate(arq_env_t *e, arq_env_error_t *err) {
        * received) is only checked for its type and then replaced or dropped. */
       if (!json_is_string(v))
         return fail(err, ARQ_CODE_INVALID_ENVELOPE, "\"position\" must be a string");
+    } else if (strcmp(key, "ack") == 0) {
+      if (!json_is_boolean(v))
+        return fail(err, ARQ_CODE_INVALID_ENVELOPE, "\"ack\" must be true or false");
+      e->ack = json_is_true(v);
     } else if (strcmp(key, "eventType") == 0) {
       if (string_field(v, key, ARQ_ENV_MAX_EVENT_TYPE, &e->event_type, err) != 0)
         return ARQ_EINVAL;
@@ -364,6 +369,8 @@ static int validate(arq_env_t *e, arq_env_error_t *err) {
     return fail(err, ARQ_CODE_INVALID_ENVELOPE, "\"to\" belongs to private envelopes only");
   if (e->type == ARQ_MSG_PRIVATE && !e->to)
     return fail(err, ARQ_CODE_INVALID_ENVELOPE, "a private envelope needs \"to\", a list of client ids");
+  if (json_object_get(e->root, "ack") && e->type == ARQ_MSG_COMMAND)
+    return fail(err, ARQ_CODE_INVALID_ENVELOPE, "\"ack\" belongs to event, private and telemetry envelopes");
   if (e->event_type && e->type != ARQ_MSG_TELEMETRY)
     return fail(err, ARQ_CODE_INVALID_ENVELOPE, "\"eventType\" belongs to telemetry envelopes only");
   if (e->type == ARQ_MSG_TELEMETRY && (!e->event_type || !e->payload))
@@ -496,25 +503,36 @@ arq_rcbuf_t *arq_env_frame(const json_t *obj, arq_buf_t *scratch, size_t *json_o
   return arq_env_frame_at(obj, NULL, scratch, json_off, json_len);
 }
 
+void arq_env_dump(const json_t *obj, arq_buf_t *scratch) {
+  scratch->len = 0;
+  json_dump_callback(obj, append, scratch, JSON_COMPACT);
+}
+
+arq_rcbuf_t *arq_env_frame_text(const char *json, size_t len, const char *position, size_t *json_off,
+                                size_t *json_len) {
+  /* A position is added as the last member, by text: the object ends in '}'. */
+  char tail[80];
+  int n = 0;
+  if (position && position[0] && len >= 2) {
+    n = snprintf(tail, sizeof tail, "%s\"position\":\"%.48s\"}", len > 2 ? "," : "", position);
+    len--; /* the closing brace */
+  }
+  size_t total = len + (size_t)n;
+  uint8_t hdr[14];
+  size_t hl = arq_ws_header_encode(hdr, true, ARQ_WS_OP_TEXT, total, NULL);
+  arq_rcbuf_t *f = arq_rcbuf_new(hl + total);
+  memcpy(f->data, hdr, hl);
+  memcpy(f->data + hl, json, len);
+  memcpy(f->data + hl + len, tail, (size_t)n);
+  *json_off = hl;
+  *json_len = total;
+  return f;
+}
+
 arq_rcbuf_t *arq_env_frame_at(const json_t *obj, const char *position, arq_buf_t *scratch, size_t *json_off,
                               size_t *json_len) {
   /* The JSON text goes to the reused scratch buffer first (its length decides
-   * the header), then header and text are copied once into the shared frame.
-   * A position is added as the last member, by text: the object ends in '}'. */
-  scratch->len = 0;
-  json_dump_callback(obj, append, scratch, JSON_COMPACT);
-  if (position && position[0] && scratch->len >= 2) {
-    char tail[80];
-    int n = snprintf(tail, sizeof tail, "%s\"position\":\"%.48s\"}", scratch->len > 2 ? "," : "", position);
-    scratch->len--; /* the closing brace */
-    append(tail, (size_t)n, scratch);
-  }
-  uint8_t hdr[14];
-  size_t hl = arq_ws_header_encode(hdr, true, ARQ_WS_OP_TEXT, scratch->len, NULL);
-  arq_rcbuf_t *f = arq_rcbuf_new(hl + scratch->len);
-  memcpy(f->data, hdr, hl);
-  memcpy(f->data + hl, scratch->data, scratch->len);
-  *json_off = hl;
-  *json_len = scratch->len;
-  return f;
+   * the header), then header and text are copied once into the shared frame. */
+  arq_env_dump(obj, scratch);
+  return arq_env_frame_text(scratch->data, scratch->len, position, json_off, json_len);
 }

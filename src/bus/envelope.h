@@ -55,6 +55,7 @@ typedef enum {
   ARQ_CODE_ALREADY_EXISTS,
   ARQ_CODE_FORBIDDEN,
   ARQ_CODE_INTERNAL,
+  ARQ_CODE_STORAGE_UNAVAILABLE, /* Redis cannot take the message (strict mode, or the outage buffer is full) */
   ARQ_CODE_NCODES
 } arq_code_t;
 
@@ -79,6 +80,7 @@ typedef struct arq_env {
   json_t *to;                   /* array of client id strings, or NULL */
   json_t *payload;              /* object, or NULL */
   json_t *metadata;             /* object, or NULL */
+  bool ack;                     /* "ack": true, the sender wants an acknowledgement */
   char room[ARQ_NAME_MAX + 1];  /* "" when absent; "room:channel" split */
   char channel[ARQ_NAME_MAX + 1];
 } arq_env_t;
@@ -151,6 +153,14 @@ arq_rcbuf_t *arq_env_frame(const json_t *obj, arq_buf_t *scratch, size_t *json_o
  * "" for none) added at the end. */
 arq_rcbuf_t *arq_env_frame_at(const json_t *obj, const char *position, arq_buf_t *scratch, size_t *json_off,
                               size_t *json_len);
+
+/* Frames the JSON text of an envelope ('len' bytes at 'json', a compact
+ * object) with "position": 'position' (NULL or "" for none) added as its last
+ * member, into one unmasked text frame (caller owns the one reference). */
+arq_rcbuf_t *arq_env_frame_text(const char *json, size_t len, const char *position, size_t *json_off,
+                                size_t *json_len);
+/* Encodes 'obj' as compact JSON into 'scratch' (reused between calls). */
+void arq_env_dump(const json_t *obj, arq_buf_t *scratch);
 
 /* True when 's' looks like a position: digits, or digits-digits (a Redis
  * stream id). */

@@ -83,4 +83,16 @@ arq_history_t *arq_history_mem_new(size_t capacity);
  * resuming with a position from before the restart is told of the gap. */
 arq_history_t *arq_history_mem_new_at(size_t capacity, uint64_t first_position);
 
+/* Stores a message in the in-memory backend 'h' at the position 'position'
+ * given by someone else (a Redis stream id as arq_hist_pos_value gives it; 0:
+ * not known yet, it stands with the channel's newest message). A cache of
+ * what a node delivered in cluster mode. */
+void arq_history_mem_put(arq_history_t *h, const char *room, const char *channel, const char *id, arq_rcbuf_t *frame,
+                         size_t off, size_t len, uint64_t position);
+
+/* A position as one number that orders like the position: digits as they
+ * are, a Redis stream id "ms-seq" as ms << ARQ_HIST_SEQ_BITS | seq. */
+#define ARQ_HIST_SEQ_BITS 22
+uint64_t arq_hist_pos_value(const char *s);
+
 #endif

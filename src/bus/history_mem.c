@@ -57,9 +57,17 @@ static void clear_item(arq_hist_item_t *it) {
   memset(it, 0, sizeof *it);
 }
 
-static uint64_t mem_append(arq_history_t *h, const char *room, const char *channel, const char *id,
-                           arq_rcbuf_t *frame, size_t off, size_t len) {
-  mem_t *m = (mem_t *)h;
+uint64_t arq_hist_pos_value(const char *s) {
+  char *end;
+  uint64_t a = strtoull(s, &end, 10);
+  if (*end != '-')
+    return a;
+  return a << ARQ_HIST_SEQ_BITS | (strtoull(end + 1, NULL, 10) & ((1ULL << ARQ_HIST_SEQ_BITS) - 1));
+}
+
+/* Stores a message at position 'seq' (0: next_seq). */
+static uint64_t put(mem_t *m, const char *room, const char *channel, const char *id, arq_rcbuf_t *frame, size_t off,
+                    size_t len, uint64_t seq) {
   if (m->cap == 0)
     return 0;
   ring_t *r = find(m, room, channel);
@@ -88,9 +96,24 @@ static uint64_t mem_append(arq_history_t *h, const char *room, const char *chann
   it->frame = arq_rcbuf_ref(frame);
   it->off = (uint32_t)off;
   it->len = (uint32_t)len;
-  it->seq = m->next_seq++;
+  it->seq = seq ? seq : m->next_seq++;
   it->id = arq_strdup(id);
   return it->seq;
+}
+
+static uint64_t mem_append(arq_history_t *h, const char *room, const char *channel, const char *id,
+                           arq_rcbuf_t *frame, size_t off, size_t len) {
+  return put((mem_t *)h, room, channel, id, frame, off, len, 0);
+}
+
+void arq_history_mem_put(arq_history_t *h, const char *room, const char *channel, const char *id, arq_rcbuf_t *frame,
+                         size_t off, size_t len, uint64_t position) {
+  mem_t *m = (mem_t *)h;
+  if (position == 0) { /* not stored yet: it stands with the newest message */
+    ring_t *r = find(m, room, channel);
+    position = r && r->count ? r->slots[(r->head + r->count - 1) % m->cap].seq : 1;
+  }
+  put(m, room, channel, id, frame, off, len, position);
 }
 
 static uint64_t mem_next_position(arq_history_t *h, const char *room, const char *channel) {
@@ -114,7 +137,7 @@ static void mem_query(arq_history_t *h, const arq_hist_query_t *q, arq_hist_cb c
      * after it were overwritten, or when it is older than this channel's
      * current life (the channel was removed and created again). Position 0
      * asks for everything since the channel came to be. */
-    uint64_t pos = strtoull(q->since, NULL, 10);
+    uint64_t pos = arq_hist_pos_value(q->since);
     if (!r)
       res.since_found = pos == 0 || pos >= m->dropped_max;
     else if (pos == 0)

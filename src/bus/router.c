@@ -72,6 +72,8 @@ static void drop_sub(arq_sub_t *s) {
 
 void arq_router_remove(arq_bus_t *b, arq_channel_t *ch) {
   arq_bus_tel_channel(b, ARQ_TEL_CHANNEL_DELETED, ch);
+  if (ch->nmembers > 0 && b->io.interest)
+    b->io.interest(b->io.ud, ch->room->name, ch->name, false);
   for (size_t i = 0; i < ch->nmembers; i++)
     drop_sub(ch->members[i]);
   arq_free(ch->members);
@@ -105,6 +107,8 @@ bool arq_router_join(arq_bus_t *b, arq_client_t *c, arq_channel_t *ch) {
   }
   s->idx = ch->nmembers;
   ch->members[ch->nmembers++] = s;
+  if (ch->nmembers == 1 && b->io.interest)
+    b->io.interest(b->io.ud, ch->room->name, ch->name, true);
   ch->empty = false;
   if (c->nsubs == c->subcap) {
     c->subcap = c->subcap ? 2 * c->subcap : 4;
@@ -123,6 +127,8 @@ bool arq_router_leave(arq_bus_t *b, arq_client_t *c, arq_channel_t *ch) {
   ch->members[s->idx] = last;
   last->idx = s->idx;
   drop_sub(s);
+  if (ch->nmembers == 0 && b->io.interest)
+    b->io.interest(b->io.ud, ch->room->name, ch->name, false);
   arq_bus_tel_member(b, ARQ_TEL_CLIENT_LEFT, c, ch);
   if (ch->nmembers == 0 && !ch->bootstrap) {
     if (b->o.channel_ttl_ms == 0) {

@@ -10,8 +10,7 @@
 
 #include "bus/names.h"
 #include "net/conn.h"
-#include "store/history_redis.h"
-#include "store/redis.h"
+#include "store/cluster.h"
 #include "obs/log.h"
 #include "util/alloc.h"
 #include "util/time.h"
@@ -30,13 +29,13 @@ static void serve_health(arq_conn_t *c) {
   char body[256];
   uint64_t up = (arq_time_wall_ms() - srv->metrics.start_time_ms) / 1000;
   int n;
-  bool degraded = srv->redis && !arq_redis_up(srv->redis);
+  bool degraded = srv->cluster && !arq_cluster_up(srv->cluster);
   if (srv->draining) {
     n = snprintf(body, sizeof body, "{\"status\":\"shutting_down\",\"reason\":\"the server is draining\"}\n");
   } else if (degraded) {
     /* Live routing goes on; what is degraded is storage. */
     json_t *j = json_pack("{s:s, s:s, s:s, s:I, s:I}", "status", "degraded", "reason", "redis unreachable",
-                          "detail", arq_redis_error(srv->redis), "uptime_seconds", (json_int_t)up, "connections",
+                          "detail", arq_cluster_error(srv->cluster), "uptime_seconds", (json_int_t)up, "connections",
                           (json_int_t)srv->metrics.connections);
     char *text = json_dumps(j, JSON_COMPACT);
     n = snprintf(body, sizeof body, "%s\n", text);
@@ -45,7 +44,7 @@ static void serve_health(arq_conn_t *c) {
   } else {
     n = snprintf(body, sizeof body,
                  "{\"status\":\"ok\",\"uptime_seconds\":%llu,\"connections\":%lld,\"storage\":\"%s\"}\n",
-                 (unsigned long long)up, (long long)srv->metrics.connections, srv->redis ? "redis" : "memory");
+                 (unsigned long long)up, (long long)srv->metrics.connections, srv->cluster ? "redis" : "memory");
   }
   if (n < 0 || (size_t)n >= sizeof body)
     n = (int)sizeof body - 1;
@@ -71,10 +70,12 @@ static void serve_metrics(arq_conn_t *c) {
   arq_process_read(&proc);
   size_t cap = 256 * 1024;
   char *body = arq_malloc(cap);
-  arq_storage_state_t storage = {.backend = srv->redis ? "redis" : "memory",
-                                 .up = !srv->redis || arq_redis_up(srv->redis),
-                                 .redis = srv->redis ? arq_redis_stats(srv->redis) : NULL,
-                                 .writes = arq_history_redis_stats(arq_bus_history_backend(srv->bus))};
+  arq_cluster_stats_t cs;
+  if (srv->cluster)
+    arq_cluster_stats(srv->cluster, &cs);
+  arq_storage_state_t storage = {.backend = srv->cluster ? "redis" : "memory",
+                                 .up = !srv->cluster || arq_cluster_up(srv->cluster),
+                                 .redis = srv->cluster ? &cs : NULL};
   size_t n = arq_metrics_render(&srv->metrics, &bus, &proc, &storage, srv->ntelemetry, body, cap);
   arq_conn_http_reply(c, 200, "text/plain; version=0.0.4; charset=utf-8", NULL, body, n, ARQ_CLOSE_NORMAL);
   arq_free(body);

@@ -14,8 +14,7 @@
 
 #include "net/conn.h"
 #include "net/telemetry.h"
-#include "store/history_redis.h"
-#include "store/redis.h"
+#include "store/cluster.h"
 #include "obs/log.h"
 #include "util/alloc.h"
 #include "util/err.h"
@@ -48,6 +47,12 @@ static void on_check(uv_check_t *h) { flush_all(h->data); }
 
 /* The bus reaches connections through these two callbacks. */
 static bool bus_send(void *ud, void *conn, arq_rcbuf_t *frame) { return arq_conn_send(conn, frame); }
+
+static void bus_append(void *ud, arq_bus_pub_t *p) { arq_cluster_append(((arq_server_t *)ud)->cluster, p); }
+
+static void bus_interest(void *ud, const char *room, const char *channel, bool on) {
+  arq_cluster_interest(((arq_server_t *)ud)->cluster, room, channel, on);
+}
 
 static void bus_telemetry(void *ud, arq_tel_event_t ev, json_t *env) { arq_telemetry_publish(ud, ev, env); }
 
@@ -113,10 +118,16 @@ static arq_bus_t *make_bus(arq_server_t *srv, char *err, size_t cap) {
   o.dashboard_channel = cfg->dashboard_channel;
   arq_bus_io_t io = {.send = bus_send, .close = bus_close, .telemetry = bus_telemetry, .describe = bus_describe,
                      .ud = srv};
+  if (srv->cluster) {
+    io.append = bus_append;
+    io.interest = bus_interest;
+  }
   uint64_t first = arq_time_wall_ms() << 10; /* see arq_history_mem_new_at() */
-  arq_history_t *history = srv->redis ? arq_history_redis_new(srv->redis, cfg->history_size, first)
-                                      : arq_history_mem_new_at(cfg->history_size, first);
+  arq_history_t *history = srv->cluster ? arq_cluster_history(srv->cluster)
+                                        : arq_history_mem_new_at(cfg->history_size, first);
   arq_bus_t *bus = arq_bus_new(&o, &io, history, err, cap);
+  if (bus && srv->cluster)
+    arq_cluster_attach(srv->cluster, bus);
   free_names(bootstrap);
   free_names(admins);
   return bus;
@@ -178,6 +189,8 @@ static void on_tick(uv_timer_t *t) {
   if (now >= srv->bus_tick_at + 1000) {
     srv->bus_tick_at = now;
     arq_bus_tick(srv->bus, now);
+    if (srv->cluster)
+      arq_cluster_tick(srv->cluster, now);
   }
   if (cfg->telemetry_stats_interval_ms && now >= srv->tel_stats_at + cfg->telemetry_stats_interval_ms) {
     srv->tel_stats_at = now;
@@ -261,8 +274,23 @@ int arq_server_start(arq_server_t *srv, uv_loop_t *loop, const arq_config_t *cfg
   arq_list_init(&srv->pong_wait);
   arq_list_init(&srv->writing);
   arq_list_init(&srv->flush_pending);
-  if (cfg->redis_url[0])
-    srv->redis = arq_redis_new(loop, cfg->redis_url, cfg->redis_timeout_ms, NULL, srv);
+  if (cfg->redis_url[0]) {
+    char node[ARQ_NAME_MAX + 1];
+    if (cfg->node_id[0]) {
+      snprintf(node, sizeof node, "%s", cfg->node_id);
+    } else {
+      unsigned char rnd[6];
+      if (RAND_bytes(rnd, sizeof rnd) != 1)
+        memcpy(rnd, &srv->metrics.start_time_ms, sizeof rnd);
+      snprintf(node, sizeof node, "node-%02x%02x%02x%02x%02x%02x", rnd[0], rnd[1], rnd[2], rnd[3], rnd[4], rnd[5]);
+    }
+    arq_cluster_opts_t co = {.urls = cfg->redis_url, .timeout_ms = cfg->redis_timeout_ms,
+                             .history_size = cfg->history_size, .max_age_ms = cfg->history_max_age_ms,
+                             .strict = cfg->redis_strict, .buffer_messages = cfg->redis_buffer_messages,
+                             .buffer_bytes = cfg->redis_buffer_bytes, .node_id = node,
+                             .node_ttl_ms = cfg->node_ttl_ms};
+    srv->cluster = arq_cluster_new(loop, &co);
+  }
   srv->bus = make_bus(srv, err, cap); /* after the lists: arq_server_close() walks them on failure */
   if (!srv->bus)
     return ARQ_EINVAL;
@@ -313,10 +341,8 @@ static void close_own_handles(arq_server_t *srv) {
   close_handle((uv_handle_t *)&srv->drain_timer);
   close_handle((uv_handle_t *)&srv->sigint);
   close_handle((uv_handle_t *)&srv->sigterm);
-  if (srv->redis) {
-    arq_redis_close(srv->redis); /* freed by its own close callback */
-    srv->redis = NULL;
-  }
+  if (srv->cluster)
+    arq_cluster_close(srv->cluster); /* its connections free themselves; the rest goes in arq_server_free */
 }
 
 void arq_server_conn_gone(arq_server_t *srv) {
@@ -377,5 +403,7 @@ void arq_server_close(arq_server_t *srv) {
 void arq_server_free(arq_server_t *srv) {
   arq_bus_free(srv->bus);
   srv->bus = NULL;
+  arq_cluster_free(srv->cluster);
+  srv->cluster = NULL;
   arq_buf_free(&srv->tel_scratch);
 }

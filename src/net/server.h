@@ -38,7 +38,7 @@ struct arq_server {
   uv_loop_t *loop;
   const arq_config_t *cfg; /* borrowed; outlives the server */
   arq_bus_t *bus;          /* owned: rooms, channels, clients, history */
-  struct arq_redis *redis; /* owned; NULL in memory-only mode */
+  struct arq_cluster *cluster; /* owned; NULL in memory-only mode */
   uint64_t bus_tick_at;    /* loop time of the bus's last periodic work */
   uint64_t read_ns;        /* uv_hrtime() of the read being handled */
   arq_metrics_t metrics;

@@ -1,8 +1,7 @@
 /* Counters and the Prometheus text exposition (see metrics.h). */
 #include "obs/metrics.h"
 
-#include "store/history_redis.h"
-#include "store/redis.h"
+#include "store/cluster.h"
 
 #include <dirent.h>
 #include <stdarg.h>
@@ -157,24 +156,29 @@ size_t arq_metrics_render(const arq_metrics_t *m, const arq_bus_stats_t *bus, co
   header(&o, "arqonbus_storage_up", "gauge", "Whether the history backend is available (1) or degraded (0).");
   emit(&o, "arqonbus_storage_up{backend=\"%s\"} %d\n", storage->backend, storage->up ? 1 : 0);
   if (storage->redis) {
-    series(&o, "arqonbus_redis_connects_total", "counter", "Connections to Redis established.",
-           storage->redis->connects);
-    series(&o, "arqonbus_redis_disconnects_total", "counter", "Connections to Redis lost.",
-           storage->redis->disconnects);
+    const arq_cluster_stats_t *r = storage->redis;
+    series(&o, "arqonbus_redis_connects_total", "counter", "Connections to Redis established.", r->redis.connects);
+    series(&o, "arqonbus_redis_disconnects_total", "counter", "Connections to Redis lost.", r->redis.disconnects);
     series(&o, "arqonbus_redis_errors_total", "counter", "Redis commands that failed or got an error reply.",
-           storage->redis->errors);
+           r->redis.errors);
     series(&o, "arqonbus_redis_timeouts_total", "counter", "Redis connections dropped for not answering in time.",
-           storage->redis->timeouts);
-  }
-  if (storage->writes) {
+           r->redis.timeouts);
     header(&o, "arqonbus_redis_stream_writes_total", "counter",
-           "Messages appended to their Redis stream, by result (skipped: Redis was unreachable).");
-    emit(&o, "arqonbus_redis_stream_writes_total{result=\"written\"} %llu\n",
-         (unsigned long long)storage->writes->written);
-    emit(&o, "arqonbus_redis_stream_writes_total{result=\"failed\"} %llu\n",
-         (unsigned long long)storage->writes->failed);
-    emit(&o, "arqonbus_redis_stream_writes_total{result=\"skipped\"} %llu\n",
-         (unsigned long long)storage->writes->skipped);
+           "Messages appended to their Redis stream, by result (failed: error reply or connection lost).");
+    emit(&o, "arqonbus_redis_stream_writes_total{result=\"written\"} %llu\n", (unsigned long long)r->written);
+    emit(&o, "arqonbus_redis_stream_writes_total{result=\"failed\"} %llu\n", (unsigned long long)r->failed);
+    series(&o, "arqonbus_redis_held_total", "counter",
+           "Messages delivered on this node and held in memory while Redis was unreachable.", r->held);
+    series(&o, "arqonbus_redis_written_back_total", "counter", "Held messages later written to their stream.",
+           r->written_back);
+    series(&o, "arqonbus_redis_refused_total", "counter",
+           "Publishes refused with storage_unavailable (strict mode, or the outage buffer full).", r->refused);
+    series(&o, "arqonbus_redis_held_messages", "gauge", "Messages held in memory for the write-back now.",
+           r->held_now);
+    series(&o, "arqonbus_redis_held_bytes", "gauge", "Bytes of messages held for the write-back now.",
+           r->held_bytes);
+    series(&o, "arqonbus_redis_stream_reads_total", "counter",
+           "Stream entries this node read to deliver (from every node's publishers).", r->read);
   }
   series(&o, "arqonbus_telemetry_clients", "gauge", "Monitoring clients on the telemetry port.", telemetry_clients);
   series(&o, "arqonbus_telemetry_events_total", "counter", "Telemetry events published to monitoring clients.",

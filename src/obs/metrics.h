@@ -13,8 +13,7 @@
 
 #include "bus/bus.h"
 
-struct arq_redis_stats;
-struct arq_history_redis_stats;
+struct arq_cluster_stats;
 
 /* Why a connection ended; the label of arqonbus_connections_closed_total. */
 typedef enum {
@@ -69,8 +68,7 @@ void arq_process_read(arq_process_t *p);
 typedef struct arq_storage_state {
   const char *backend;                /* "memory" or "redis" */
   bool up;
-  const struct arq_redis_stats *redis; /* NULL in memory-only mode */
-  const struct arq_history_redis_stats *writes; /* stream writes; NULL in memory-only mode */
+  const struct arq_cluster_stats *redis; /* NULL in memory-only mode */
 } arq_storage_state_t;
 
 /* Writes the exposition of 'm', the bus figures 'bus', the process figures

@@ -408,6 +408,17 @@ int arq_redis_command(arq_redis_t *r, redisCallbackFn *fn, void *privdata, const
   return 0;
 }
 
+int arq_redis_argv(arq_redis_t *r, redisCallbackFn *fn, void *privdata, int argc, const char **argv,
+                   const size_t *lens) {
+  if (!r->up || !r->ac)
+    return ARQ_ECLOSED;
+  if (redisAsyncCommandArgv(r->ac, fn, privdata, argc, argv, lens) != REDIS_OK) {
+    r->st.errors++;
+    return ARQ_EIO;
+  }
+  return 0;
+}
+
 bool arq_redis_up(const arq_redis_t *r) { return r->up; }
 
 const char *arq_redis_error(const arq_redis_t *r) { return r->err; }

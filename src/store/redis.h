@@ -35,6 +35,10 @@ arq_redis_t *arq_redis_new(uv_loop_t *loop, const char *url, uint64_t timeout_ms
  * ARQ_ECLOSED when not connected ('fn' is not called). */
 int arq_redis_command(arq_redis_t *r, redisCallbackFn *fn, void *privdata, const char *fmt, ...);
 
+/* The same with the command as 'argc' arguments ('argv', 'lens': binary-safe). */
+int arq_redis_argv(arq_redis_t *r, redisCallbackFn *fn, void *privdata, int argc, const char **argv,
+                   const size_t *lens);
+
 /* True while connected and answering. */
 bool arq_redis_up(const arq_redis_t *r);
 /* The last connection error ("" when none), for /health and logs. */

@@ -36,7 +36,8 @@ SETTING_FLAGS = [
     "--write-timeout", "--drain-timeout", "--max-envelope-size", "--max-malformed", "--history-size",
     "--history-max-limit", "--channel-ttl", "--bootstrap-channels", "--admins", "--telemetry-channel",
     "--dashboard-channel", "--telemetry-stats-interval", "--telemetry-queue", "--stats-log-interval",
-    "--redis-url", "--redis-timeout",
+    "--redis-url", "--redis-timeout", "--redis-strict", "--redis-buffer-messages", "--redis-buffer-bytes",
+    "--history-max-age", "--node-id", "--node-ttl",
 ]
 SANITIZER = re.compile(r"(AddressSanitizer|LeakSanitizer|runtime error)")
 LOGFMT_LINE = re.compile(r'^time=(\S+) level=(\w+) component=(\w+) msg=("(?:[^"\\]|\\.)*"|\S+)')

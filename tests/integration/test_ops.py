@@ -31,7 +31,7 @@ PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 ENVELOPE_TYPES = {"event", "system", "command", "private", "telemetry", "error"}
 ERROR_CODES = {"invalid_json", "invalid_envelope", "unsupported_version", "unknown_type", "unsupported_frame",
                "payload_too_large", "unknown_command", "invalid_argument", "not_found", "already_exists", "forbidden",
-               "internal_error"}
+               "internal_error", "storage_unavailable"}
 COMMANDS = {"status", "create_channel", "delete_channel", "join_channel", "leave_channel", "list_channels",
             "channel_info", "ping", "history", "help"}
 
