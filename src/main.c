@@ -7,6 +7,7 @@
 
 #include "config.h"
 #include "net/server.h"
+#include "store/cluster.h"
 #include "obs/log.h"
 #include "util/alloc.h"
 #include "version.h"
@@ -65,7 +66,8 @@ int main(int argc, char **argv) {
   }
   arq_log(ARQ_LOG_INFO, "server", "listening", ARQ_LS("version", ARQ_VERSION), ARQ_LS("host", cfg.host),
           ARQ_LI("port", cfg.port), ARQ_LI("telemetry_port", cfg.telemetry_port),
-          ARQ_LI("http_port", cfg.http_port), ARQ_LS("storage", cfg.redis_url[0] ? "redis" : "memory"));
+          ARQ_LI("http_port", cfg.http_port), ARQ_LS("storage", cfg.redis_url[0] ? "redis" : "memory"),
+          ARQ_LS("node", srv->cluster ? arq_cluster_node_id(srv->cluster) : ""));
   printf("ArqonBus %s is running (%s).\n"
          "  WebSocket bus   ws://%s:%d\n"
          "  Telemetry       ws://%s:%d\n"
@@ -74,7 +76,8 @@ int main(int argc, char **argv) {
          "and send:  {\"type\":\"command\",\"command\":\"join_channel\",\"room\":\"science\",\"channel\":\"explore\"}\n"
          "           {\"type\":\"event\",\"room\":\"science\",\"channel\":\"explore\",\"payload\":{\"message\":\"hello\"}}\n"
          "Stop with Ctrl-C.\n",
-         ARQ_VERSION, cfg.redis_url[0] ? "Redis connection; history in memory" : "in-memory mode", cfg.host,
+         ARQ_VERSION, cfg.redis_url[0] ? "Redis mode: history in Redis Streams, shared with every node on the same Redis"
+                                       : "in-memory mode", cfg.host,
          cfg.port, cfg.host, cfg.telemetry_port, cfg.host, cfg.http_port, cfg.host, cfg.port);
   fflush(stdout);
   uv_run(&loop, UV_RUN_DEFAULT);

@@ -81,6 +81,8 @@ arq_bus_t *arq_bus_new(const arq_bus_opts_t *o, const arq_bus_io_t *io, arq_hist
   b->history = history;
   b->started_at = arq_time_wall_ms();
   b->cmd_error = -1;
+  snprintf(b->node_id, sizeof b->node_id, "%s", o->node_id ? o->node_id : "");
+  b->o.node_id = NULL;
   arq_list_init(&b->dead);
   for (size_t i = 0; b->admins[i]; i++) {
     if (!arq_names_valid_client_id(b->admins[i], strlen(b->admins[i]))) {
@@ -146,6 +148,7 @@ void arq_bus_free(arq_bus_t *b) {
   }
   if (b->history)
     b->history->ops->free(b->history);
+  arq_peers_free(b);
   free_list(b->bootstrap);
   free_list(b->admins);
   arq_free((char *)b->o.server_version);
@@ -195,6 +198,10 @@ static bool deliver(arq_bus_t *b, arq_client_t *c, arq_rcbuf_t *frame, arq_msg_t
   c->msgs_out++;
   b->st.delivered[type]++;
   return true;
+}
+
+bool arq_bus_deliver_to(arq_bus_t *b, arq_client_t *c, arq_rcbuf_t *f, arq_msg_type_t type) {
+  return deliver(b, c, f, type);
 }
 
 /* Encodes 'obj' once into a frame (one reference, caller owns) and releases
@@ -345,6 +352,8 @@ void arq_bus_notify(arq_bus_t *b, arq_channel_t *ch, const arq_client_t *skip, c
   for (size_t i = 0; i < ch->nmembers; i++)
     if (ch->members[i]->client != skip)
       deliver(b, ch->members[i]->client, f, ARQ_MSG_SYSTEM);
+  arq_bus_cast(b, &(arq_bus_cast_t){.kind = ARQ_CAST_NOTIFY, .room = ch->room->name, .channel = ch->name,
+                                    .json = (const char *)f->data + off, .len = len});
   arq_rcbuf_unref(f);
 }
 
@@ -356,19 +365,26 @@ void arq_bus_notify_room(arq_bus_t *b, arq_room_t *r, arq_channel_t *about, cons
   json_t *obj = server_envelope(b, ARQ_MSG_SYSTEM, r->name, about->name, NULL, payload, NULL);
   size_t off, len;
   arq_rcbuf_t *f = encode(b, obj, &off, &len);
+  arq_bus_deliver_room(b, r, NULL, f, ARQ_MSG_SYSTEM);
+  arq_bus_cast(b, &(arq_bus_cast_t){.kind = ARQ_CAST_NOTIFY_ROOM, .room = r->name,
+                                    .json = (const char *)f->data + off, .len = len});
+  arq_rcbuf_unref(f);
+}
+
+void arq_bus_deliver_room(arq_bus_t *b, arq_room_t *r, const arq_client_t *skip, arq_rcbuf_t *f,
+                          arq_msg_type_t type) {
   b->round++;
   arq_list_t *n, *tmp;
   arq_list_foreach_safe(n, tmp, &r->channels) {
     arq_channel_t *ch = ARQ_CONTAINER_OF(n, arq_channel_t, node_room);
     for (size_t i = 0; i < ch->nmembers; i++) {
       arq_client_t *m = ch->members[i]->client;
-      if (m->mark == b->round)
+      if (m->mark == b->round || m == skip)
         continue;
       m->mark = b->round;
-      deliver(b, m, f, ARQ_MSG_SYSTEM);
+      deliver(b, m, f, type);
     }
   }
-  arq_rcbuf_unref(f);
 }
 
 void arq_bus_reply(arq_bus_t *b, arq_client_t *c, const arq_env_t *req, const char *command, json_t *payload) {
@@ -461,9 +477,9 @@ static void generate_client_id(arq_bus_t *b, char *out) {
   }
 }
 
-json_t *arq_bus_member_fields(const arq_client_t *c, const arq_channel_t *ch) {
+json_t *arq_bus_member_fields(const arq_bus_t *b, const arq_client_t *c, const arq_channel_t *ch) {
   json_t *f = json_pack("{s:s, s:s, s:I}", "client_id", c->id, "client_type", arq_client_type_name(c->type), "members",
-                        (json_int_t)ch->nmembers);
+                        (json_int_t)arq_bus_members_total(b, ch));
   set_opt_str(f, "screen_name", c->screen_name);
   return f;
 }
@@ -512,20 +528,18 @@ arq_client_t *arq_bus_connect(arq_bus_t *b, void *conn, const arq_client_params_
     snprintf(c->id, sizeof c->id, "%s", p->client_id);
     arq_client_t *old = NULL;
     HASH_FIND_STR(b->clients, c->id, old);
-    if (old) {
-      /* The newest connection wins: a client reconnecting before the server
-       * noticed its old connection die must not be locked out. The old one
-       * leaves its channels now, before the new one joins any. */
-      void *old_conn = old->conn;
-      mark_gone(b, old);
-      remove_client(b, old);
-      b->io.close(b->io.ud, old_conn, 4001, "replaced by a new connection with the same client_id");
-    }
+    if (old) /* The newest connection wins: a client reconnecting before the server
+              * noticed its old connection die must not be locked out. The old one
+              * leaves its channels now, before the new one joins any. */
+      arq_bus_replaced(b, old);
   } else {
     generate_client_id(b, c->id);
   }
   HASH_ADD_STR(b->clients, id, c);
   b->nclients++;
+  b->version++;
+  if (p->client_id[0]) /* a connection with this id on another node is older: it goes */
+    arq_bus_cast(b, &(arq_bus_cast_t){.kind = ARQ_CAST_KICK, .client_id = c->id, .at = c->connected_at});
   if (arq_bus_tel_wanted(b, ARQ_TEL_CLIENT_CONNECTED)) {
     json_t *t = arq_bus_client_json(c, false);
     json_object_set_new(t, "remote", json_string(c->remote));
@@ -541,7 +555,7 @@ arq_client_t *arq_bus_connect(arq_bus_t *b, void *conn, const arq_client_params_
     arq_channel_t *ch = arq_router_ensure(b, p->room, p->channel, &created);
     arq_router_join(b, c, ch);
     send_welcome(b, c);
-    arq_bus_notify(b, ch, c, "client_joined", arq_bus_member_fields(c, ch));
+    arq_bus_notify(b, ch, c, "client_joined", arq_bus_member_fields(b, c, ch));
   } else {
     send_welcome(b, c);
   }
@@ -551,7 +565,23 @@ arq_client_t *arq_bus_connect(arq_bus_t *b, void *conn, const arq_client_params_
 
 void arq_bus_quiesce(arq_bus_t *b) { b->quiet = true; }
 
+void arq_bus_replaced(arq_bus_t *b, arq_client_t *c) {
+  void *conn = c->conn;
+  mark_gone(b, c);
+  remove_client(b, c);
+  b->io.close(b->io.ud, conn, 4001, "replaced by a new connection with the same client_id");
+}
+
+void arq_bus_receive_cast(arq_bus_t *b, const arq_bus_cast_t *m) {
+  enter(b);
+  b->casting = true;
+  arq_peers_receive(b, m);
+  b->casting = false;
+  leave(b);
+}
+
 static void remove_client(arq_bus_t *b, arq_client_t *c) {
+  b->version++;
   if (arq_bus_tel_wanted(b, ARQ_TEL_CLIENT_DISCONNECTED)) {
     json_t *t = arq_bus_client_json(c, true);
     json_object_set_new(t, "remote", json_string(c->remote));
@@ -561,10 +591,10 @@ static void remove_client(arq_bus_t *b, arq_client_t *c) {
   while (c->nsubs > 0) {
     arq_channel_t *ch = c->subs[c->nsubs - 1]->channel;
     bool last = b->quiet || (ch->nmembers == 1 && !ch->bootstrap && b->o.channel_ttl_ms == 0);
-    json_t *fields = arq_bus_member_fields(c, ch);
+    json_t *fields = arq_bus_member_fields(b, c, ch);
     arq_router_leave(b, c, ch);
     if (!last) {
-      json_object_set_new(fields, "members", json_integer((json_int_t)ch->nmembers));
+      json_object_set_new(fields, "members", json_integer((json_int_t)arq_bus_members_total(b, ch)));
       json_object_set_new(fields, "reason", json_string("disconnected"));
       arq_bus_notify(b, ch, NULL, "client_left", fields);
     } else {
@@ -711,23 +741,13 @@ static void route_event(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
   if (e->channel[0]) {
     publish_to_channel(b, c, e, id, obj);
   } else {
-    b->round++;
     size_t off, len;
     arq_rcbuf_t *f = encode(b, obj, &off, &len);
     arq_room_t *r = arq_router_find_room(b, e->room);
-    arq_list_t *n, *tmp;
-    if (r) {
-      arq_list_foreach_safe(n, tmp, &r->channels) {
-        arq_channel_t *ch = ARQ_CONTAINER_OF(n, arq_channel_t, node_room);
-        for (size_t i = 0; i < ch->nmembers; i++) {
-          arq_client_t *m = ch->members[i]->client;
-          if (m->mark == b->round || (m == c && !c->echo))
-            continue;
-          m->mark = b->round;
-          deliver(b, m, f, ARQ_MSG_EVENT);
-        }
-      }
-    }
+    if (r)
+      arq_bus_deliver_room(b, r, c->echo ? NULL : c, f, ARQ_MSG_EVENT);
+    arq_bus_cast(b, &(arq_bus_cast_t){.kind = ARQ_CAST_ROOM, .room = e->room, .json = (const char *)f->data + off,
+                                      .len = len});
     arq_rcbuf_unref(f);
     if (e->ack)
       send_ack(b, c, id, e->room, NULL, NULL);
@@ -756,12 +776,18 @@ static void route_private(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
   size_t off, len;
   arq_rcbuf_t *f = encode(b, outgoing(b, c, e, id), &off, &len);
   b->round++;
+  char *remote = arq_malloc(n * (ARQ_NAME_MAX + 1) + 1); /* recipients on other nodes, comma-separated */
+  size_t rlen = 0;
+  remote[0] = '\0';
   for (size_t i = 0; i < n; i++) {
     const char *to = json_string_value(json_array_get(e->to, i));
     arq_client_t *m = NULL;
     HASH_FIND_STR(b->clients, to, m);
     if (!m) {
-      json_array_append_new(unknown, json_string(to));
+      if (arq_peers_has_client(b, to))
+        rlen += (size_t)sprintf(remote + rlen, "%s%s", rlen ? "," : "", to);
+      else
+        json_array_append_new(unknown, json_string(to));
       continue;
     }
     if (m->mark == b->round)
@@ -769,6 +795,10 @@ static void route_private(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
     m->mark = b->round;
     deliver(b, m, f, ARQ_MSG_PRIVATE);
   }
+  if (rlen)
+    arq_bus_cast(b, &(arq_bus_cast_t){.kind = ARQ_CAST_PRIVATE, .to = remote, .json = (const char *)f->data + off,
+                                      .len = len});
+  arq_free(remote);
   arq_rcbuf_unref(f);
   if (e->ack)
     send_ack(b, c, id, NULL, NULL, NULL);
@@ -906,6 +936,35 @@ static json_t *room_details(const arq_bus_t *b) {
   return rooms;
 }
 
+/* Cluster mode: every node with its figures, and the whole bus's. */
+static void add_cluster_status(const arq_bus_t *b, json_t *st) {
+  char started[32];
+  arq_time_iso8601(b->started_at, started, sizeof started);
+  json_t *nodes = json_array();
+  size_t clients = b->nclients;
+  json_array_append_new(nodes, json_pack("{s:s, s:b, s:s, s:I, s:I}", "node", b->node_id, "self", 1, "started_at",
+                                         started, "clients", (json_int_t)b->nclients, "channels",
+                                         (json_int_t)HASH_COUNT(b->channels)));
+  size_t i;
+  json_t *p;
+  json_array_foreach(b->peers, i, p) {
+    size_t n = json_array_size(json_object_get(p, "clients"));
+    clients += n;
+    json_array_append_new(nodes, json_pack("{s:O, s:b, s:O, s:I, s:I}", "node", json_object_get(p, "node"), "self", 0,
+                                           "started_at", json_object_get(p, "started_at"), "clients", (json_int_t)n,
+                                           "channels", (json_int_t)json_array_size(json_object_get(p, "channels"))));
+  }
+  size_t channels = HASH_COUNT(b->channels);
+  const arq_peer_chan_t *pc, *tmp;
+  HASH_ITER(hh, b->peer_chans, pc, tmp) {
+    if (!arq_router_find((arq_bus_t *)b, pc->room, pc->channel))
+      channels++;
+  }
+  json_object_set_new(st, "nodes", nodes);
+  json_object_set_new(st, "bus", json_pack("{s:I, s:I, s:I}", "nodes", (json_int_t)json_array_size(nodes), "clients",
+                                           (json_int_t)clients, "channels", (json_int_t)channels));
+}
+
 json_t *arq_bus_status(const arq_bus_t *b) { return arq_bus_status_page(b, 0, ARQ_STATUS_DEFAULT_LIMIT); }
 
 json_t *arq_bus_status_page(const arq_bus_t *b, size_t offset, size_t limit) {
@@ -938,12 +997,16 @@ json_t *arq_bus_status_page(const arq_bus_t *b, size_t offset, size_t limit) {
                              (json_int_t)((arq_time_wall_ms() - b->started_at) / 1000));
   if (b->io.describe)
     b->io.describe(b->io.ud, server);
-  return json_pack("{s:o, s:{s:I, s:o, s:I, s:I, s:o}, s:I, s:I, s:o, s:{s:I, s:I}, s:{s:s, s:I, s:I}}", "server",
+  json_t *st = json_pack("{s:o, s:{s:I, s:o, s:I, s:I, s:o}, s:I, s:I, s:o, s:{s:I, s:I}, s:{s:s, s:I, s:I}}", "server",
                    server, "clients", "total", (json_int_t)s.clients, "by_type", by_type, "offset",
                    (json_int_t)offset, "limit", (json_int_t)limit, "items", items, "rooms", (json_int_t)s.rooms,
                    "channels", (json_int_t)s.channels, "room_details", room_details(b), "messages", "received",
-                   (json_int_t)received, "delivered", (json_int_t)delivered, "history", "backend", "memory",
+                   (json_int_t)received, "delivered", (json_int_t)delivered, "history", "backend",
+                   b->node_id[0] ? "redis" : "memory",
                    "messages", (json_int_t)s.history_messages, "capacity_per_channel", (json_int_t)b->o.history_size);
+  if (b->node_id[0])
+    add_cluster_status(b, st);
+  return st;
 }
 
 /* ---- history outside the bus -------------------------------------------- */

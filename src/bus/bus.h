@@ -68,6 +68,32 @@ typedef struct arq_bus_pub {
   arq_client_t *client;        /* the sender, referenced until done; NULL for the server's own */
 } arq_bus_pub_t;
 
+/* What one node tells the others through the shell in cluster mode
+ * (arq_bus_io_t.cast), and what it gets from them (arq_bus_receive_cast). */
+typedef enum {
+  ARQ_CAST_ROOM = 0,    /* a room-wide event: 'room', 'json' */
+  ARQ_CAST_PRIVATE,     /* a private message: 'to' (comma-separated ids), 'json' */
+  ARQ_CAST_NOTIFY,      /* a system notification for the members of 'room':'channel': 'json' */
+  ARQ_CAST_NOTIFY_ROOM, /* the same for the members of every channel of 'room' */
+  ARQ_CAST_DELETE,      /* channel 'room':'channel' was deleted */
+  ARQ_CAST_KICK,        /* client 'client_id' connected at 'at' (wall ms): older connections with its id go */
+  ARQ_CAST_NKINDS
+} arq_cast_kind_t;
+
+typedef struct arq_bus_cast {
+  arq_cast_kind_t kind;
+  const char *room, *channel; /* "" when not used */
+  const char *client_id;      /* "" when not used */
+  const char *to;             /* "" when not used */
+  const char *json;           /* the envelope to deliver, or NULL */
+  size_t len;
+  uint64_t at;
+} arq_bus_cast_t;
+
+/* Returns the wire name of 'k' ("room", ...), or NULL; and the kind named 's', or -1. */
+const char *arq_cast_name(arq_cast_kind_t k);
+int arq_cast_parse(const char *s);
+
 /* How the bus reaches connections. 'conn' is the shell's handle. */
 typedef struct arq_bus_io {
   /* Queues 'frame' (borrowed; take a reference to keep it). Returns false
@@ -89,6 +115,8 @@ typedef struct arq_bus_io {
   /* Cluster mode: channel 'room':'channel' got its first member here ('on')
    * or lost its last one. May be NULL. */
   void (*interest)(void *ud, const char *room, const char *channel, bool on);
+  /* Cluster mode: tells the other nodes 'm' (borrowed). May be NULL. */
+  void (*cast)(void *ud, const arq_bus_cast_t *m);
   void *ud;
 } arq_bus_io_t;
 
@@ -107,6 +135,7 @@ typedef struct arq_bus_opts {
   const char *telemetry_channel;   /* "room:channel" where client telemetry goes */
   const char *dashboard_channel;   /* "room:channel" of agent_activity events */
   uint64_t seed;                   /* makes generated ids unique to this process */
+  const char *node_id;             /* cluster mode: this node's name; NULL or "" in memory mode */
 } arq_bus_opts_t;
 
 /* Fills 'o' with the documented defaults (no bootstrap channels, no admins). */
@@ -182,6 +211,21 @@ void arq_bus_pub_done(arq_bus_t *b, arq_bus_pub_t *p, int status, const char *po
  * 'skip' (an id; NULL or "" for none). Cluster mode. */
 void arq_bus_deliver(arq_bus_t *b, const char *room, const char *channel, arq_rcbuf_t *frame, arq_msg_type_t type,
                      const char *skip);
+
+/* Handles 'm' (borrowed), told by another node. Cluster mode. */
+void arq_bus_receive_cast(arq_bus_t *b, const arq_bus_cast_t *m);
+
+/* Returns this node's presence as the other nodes need it (caller owns):
+ * {"node", "started_at", "clients": [{"client_id", "client_type",
+ * "screen_name"?, "channels": ["room:channel", ...]}], "channels": [{"room",
+ * "channel", "bootstrap", "created_at", "messages"}]}. */
+json_t *arq_bus_snapshot(const arq_bus_t *b);
+/* Changes whenever the snapshot would. */
+uint64_t arq_bus_snapshot_version(const arq_bus_t *b);
+/* Sets what the other live nodes last said of themselves: an array of
+ * snapshots (stolen). list_channels, channel_info, status and private
+ * messages then cover the whole bus. */
+void arq_bus_set_peers(arq_bus_t *b, json_t *peers);
 
 /* Tells the bus that every client is about to go (a shutdown): departures
  * are no longer announced to the channels, which would only queue a flood of

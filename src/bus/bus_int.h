@@ -62,6 +62,21 @@ struct arq_client {
   UT_hash_handle hh;     /* in bus->clients, by id */
 };
 
+/* What the other nodes have (cluster mode): their channels with their
+ * members, and their clients' ids. Rebuilt from their snapshots. */
+typedef struct arq_peer_chan {
+  char key[2 * ARQ_NAME_MAX + 2];
+  char room[ARQ_NAME_MAX + 1], channel[ARQ_NAME_MAX + 1];
+  json_t *members;     /* member objects (client_id, client_type, screen_name?) */
+  json_t *info;        /* the channel object of the first snapshot naming it, or NULL */
+  UT_hash_handle hh;
+} arq_peer_chan_t;
+
+typedef struct arq_peer_client {
+  char id[ARQ_NAME_MAX + 1];
+  UT_hash_handle hh;
+} arq_peer_client_t;
+
 struct arq_bus {
   arq_bus_opts_t o;
   char **bootstrap, **admins; /* owned copies, NULL-terminated */
@@ -84,6 +99,12 @@ struct arq_bus {
   uint64_t started_at;   /* wall ms */
   arq_buf_t scratch;
   arq_bus_stats_t st;
+  char node_id[ARQ_NAME_MAX + 1]; /* "" in memory mode */
+  json_t *peers;                  /* the other nodes' snapshots (array), or NULL */
+  arq_peer_chan_t *peer_chans;
+  arq_peer_client_t *peer_clients;
+  uint64_t version;               /* of this node's snapshot */
+  bool casting;                   /* handling another node's cast: do not cast back */
 };
 
 /* ---- router.c: rooms, channels, memberships ----------------------------- */
@@ -133,8 +154,8 @@ void arq_bus_client_unref(arq_client_t *c);
 void arq_bus_error(arq_bus_t *b, arq_client_t *c, const char *correlation_id, const char *command, arq_code_t code,
                    json_t *details, const char *fmt, ...) __attribute__((format(printf, 7, 8)));
 /* Returns the fields that describe 'c' in a notification about channel 'ch'
- * (caller owns): client_id, client_type, screen_name, members. */
-json_t *arq_bus_member_fields(const arq_client_t *c, const arq_channel_t *ch);
+ * (caller owns): client_id, client_type, screen_name, members (on every node). */
+json_t *arq_bus_member_fields(const arq_bus_t *b, const arq_client_t *c, const arq_channel_t *ch);
 /* Returns the JSON description of a client for replies and status. */
 json_t *arq_bus_client_json(const arq_client_t *c, bool with_subs);
 /* True when 'c' may run privileged commands. */
@@ -154,6 +175,27 @@ void arq_bus_tel_member(arq_bus_t *b, arq_tel_event_t ev, const arq_client_t *c,
 /* Publishes agent_activity 'activity' of 'c' (only ai-agent and service
  * clients) with 'fields' (stolen, may be NULL). */
 void arq_bus_agent_activity(arq_bus_t *b, const arq_client_t *c, const char *activity, json_t *fields);
+
+/* ---- peers.c: the other nodes (cluster mode) ------------------------------ */
+
+/* Tells the other nodes 'm' (nothing in memory mode or while handling theirs). */
+void arq_bus_cast(arq_bus_t *b, const arq_bus_cast_t *m);
+/* Returns what the other nodes have of channel 'room':'channel', or NULL. */
+const arq_peer_chan_t *arq_peers_channel(const arq_bus_t *b, const char *room, const char *channel);
+/* Members of 'ch' on every node. */
+size_t arq_bus_members_total(const arq_bus_t *b, const arq_channel_t *ch);
+/* True when client 'id' is connected to another node. */
+bool arq_peers_has_client(const arq_bus_t *b, const char *id);
+/* Handles a cast from another node (arq_bus_receive_cast, inside the bus). */
+void arq_peers_receive(arq_bus_t *b, const arq_bus_cast_t *m);
+/* Queues 'f' to 'c' and counts it; false when 'c' did not take it. */
+bool arq_bus_deliver_to(arq_bus_t *b, arq_client_t *c, arq_rcbuf_t *f, arq_msg_type_t type);
+/* Releases the peers index. */
+void arq_peers_free(arq_bus_t *b);
+/* Closes the local client 'c' that another node's newer connection replaced. */
+void arq_bus_replaced(arq_bus_t *b, arq_client_t *c);
+/* Delivers 'f' to the members of every channel of room 'r', once each, except 'skip'. */
+void arq_bus_deliver_room(arq_bus_t *b, arq_room_t *r, const arq_client_t *skip, arq_rcbuf_t *f, arq_msg_type_t type);
 
 /* ---- commands.c --------------------------------------------------------- */
 

@@ -79,9 +79,21 @@ static json_t *channel_summary(arq_bus_t *b, const arq_channel_t *ch) {
   char created[32];
   arq_time_iso8601(ch->created_at, created, sizeof created);
   return json_pack("{s:s, s:s, s:I, s:b, s:s, s:I, s:I}", "room", ch->room->name, "channel", ch->name, "members",
-                   (json_int_t)ch->nmembers, "bootstrap", ch->bootstrap, "created_at", created, "messages",
-                   (json_int_t)ch->messages, "history",
+                   (json_int_t)arq_bus_members_total(b, ch), "bootstrap", ch->bootstrap, "created_at", created,
+                   "messages", (json_int_t)ch->messages, "history",
                    (json_int_t)b->history->ops->count(b->history, ch->room->name, ch->name));
+}
+
+/* The summary of a channel that exists on other nodes only. */
+static json_t *peer_summary(arq_bus_t *b, const arq_peer_chan_t *pc) {
+  json_t *info = pc->info;
+  return json_pack("{s:s, s:s, s:I, s:b, s:s, s:I, s:I}", "room", pc->room, "channel", pc->channel, "members",
+                   (json_int_t)json_array_size(pc->members), "bootstrap", json_is_true(json_object_get(info, "bootstrap")),
+                   "created_at",
+                   json_string_value(json_object_get(info, "created_at")) ? json_string_value(json_object_get(info, "created_at"))
+                                                                          : "1970-01-01T00:00:00.000Z",
+                   "messages", json_integer_value(json_object_get(info, "messages")), "history",
+                   (json_int_t)b->history->ops->count(b->history, pc->room, pc->channel));
 }
 
 /* ---- handlers ----------------------------------------------------------- */
@@ -119,7 +131,7 @@ static void cmd_create(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const 
   target_t t;
   if (!target(b, c, e, cmd, &t, true))
     return;
-  if (arq_router_find(b, t.room, t.channel)) {
+  if (arq_router_find(b, t.room, t.channel) || arq_peers_channel(b, t.room, t.channel)) {
     arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_ALREADY_EXISTS, where(&t), "channel %s:%s already exists",
                   t.room, t.channel);
     return;
@@ -134,16 +146,23 @@ static void cmd_create(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const 
 
 static void cmd_delete(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
   target_t t;
-  arq_channel_t *ch = named_channel(b, c, e, cmd, &t);
+  if (!target(b, c, e, cmd, &t, true))
+    return;
+  bool created;
+  const arq_peer_chan_t *pc = arq_peers_channel(b, t.room, t.channel);
+  arq_channel_t *ch = pc ? arq_router_ensure(b, t.room, t.channel, &created) : existing(b, c, e, cmd, &t);
   if (!ch)
     return;
+  if (pc && json_is_true(json_object_get(pc->info, "bootstrap")))
+    ch->bootstrap = true;
   if (ch->bootstrap) {
     arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_FORBIDDEN, where(&t),
                   "%s:%s is a bootstrap channel and cannot be deleted", t.room, t.channel);
     return;
   }
-  size_t members = ch->nmembers;
+  size_t members = arq_bus_members_total(b, ch);
   arq_bus_notify(b, ch, NULL, "channel_deleted", json_pack("{s:s, s:s}", "by", c->id, "reason", "deleted"));
+  arq_bus_cast(b, &(arq_bus_cast_t){.kind = ARQ_CAST_DELETE, .room = t.room, .channel = t.channel});
   arq_router_remove(b, ch);
   json_t *r = where(&t);
   json_object_set_new(r, "deleted", json_true());
@@ -159,10 +178,10 @@ static void cmd_join(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cm
   arq_channel_t *ch = arq_router_ensure(b, t.room, t.channel, &created);
   bool joined = arq_router_join(b, c, ch);
   if (joined)
-    arq_bus_notify(b, ch, c, "client_joined", arq_bus_member_fields(c, ch));
+    arq_bus_notify(b, ch, c, "client_joined", arq_bus_member_fields(b, c, ch));
   json_t *r = channel_summary(b, ch);
   json_object_set_new(r, "joined", json_boolean(joined));
-  json_object_set_new(r, "created", json_boolean(created));
+  json_object_set_new(r, "created", json_boolean(created && !arq_peers_channel(b, t.room, t.channel)));
   arq_bus_reply(b, c, e, cmd->name, r);
 }
 
@@ -176,12 +195,13 @@ static void cmd_leave(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const c
                   t.channel);
     return;
   }
-  size_t left = ch->nmembers - 1;
-  json_t *fields = arq_bus_member_fields(c, ch);
+  size_t left = arq_bus_members_total(b, ch) - 1;
+  json_t *fields = arq_bus_member_fields(b, c, ch);
   json_object_set_new(fields, "members", json_integer((json_int_t)left));
   json_object_set_new(fields, "reason", json_string("left"));
-  arq_router_leave(b, c, ch); /* may remove the channel: use 'left', not 'ch' */
-  if (left > 0)
+  bool removed = ch->nmembers == 1 && b->o.channel_ttl_ms == 0 && !ch->bootstrap;
+  arq_router_leave(b, c, ch); /* may remove the channel: then 'ch' is gone */
+  if (left > 0 && !removed)
     arq_bus_notify(b, ch, NULL, "client_left", fields);
   else
     json_decref(fields);
@@ -211,6 +231,16 @@ static void cmd_list(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cm
   for (size_t i = 0; i < k; i++)
     json_array_append_new(list, channel_summary(b, all[i]));
   arq_free(all);
+  /* Channels that exist on other nodes only, after this node's. */
+  const arq_peer_chan_t *pc, *ptmp;
+  json_t *remote = json_array();
+  HASH_ITER(hh, b->peer_chans, pc, ptmp) {
+    if ((!t.room[0] || strcmp(pc->room, t.room) == 0) && !arq_router_find(b, pc->room, pc->channel))
+      json_array_append_new(remote, peer_summary(b, pc));
+  }
+  json_array_extend(list, remote);
+  json_decref(remote);
+  k = json_array_size(list);
   json_t *r = json_pack("{s:o, s:I}", "channels", list, "count", (json_int_t)k);
   if (t.room[0])
     json_object_set_new(r, "room", json_string(t.room));
@@ -219,12 +249,17 @@ static void cmd_list(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cm
 
 static void cmd_info(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
   target_t t;
-  arq_channel_t *ch = named_channel(b, c, e, cmd, &t);
-  if (!ch)
+  if (!target(b, c, e, cmd, &t, true))
     return;
-  json_t *r = channel_summary(b, ch);
+  const arq_peer_chan_t *pc = arq_peers_channel(b, t.room, t.channel);
+  arq_channel_t *ch = pc ? arq_router_find(b, t.room, t.channel) : existing(b, c, e, cmd, &t);
+  if (!ch && !pc)
+    return;
+  json_t *r = ch ? channel_summary(b, ch) : peer_summary(b, pc);
   json_t *members = json_array();
-  for (size_t i = 0; i < ch->nmembers; i++) {
+  if (pc)
+    json_array_extend(members, pc->members);
+  for (size_t i = 0; ch && i < ch->nmembers; i++) {
     const arq_client_t *m = ch->members[i]->client;
     json_t *mj = json_pack("{s:s, s:s}", "client_id", m->id, "client_type", arq_client_type_name(m->type));
     if (m->screen_name)

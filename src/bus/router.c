@@ -55,6 +55,7 @@ arq_channel_t *arq_router_ensure(arq_bus_t *b, const char *room, const char *cha
   arq_list_push_back(&r->channels, &ch->node_room);
   r->nchannels++;
   HASH_ADD_STR(b->channels, key, ch);
+  b->version++;
   arq_bus_tel_channel(b, ARQ_TEL_CHANNEL_CREATED, ch);
   return ch;
 }
@@ -71,6 +72,7 @@ static void drop_sub(arq_sub_t *s) {
 }
 
 void arq_router_remove(arq_bus_t *b, arq_channel_t *ch) {
+  b->version++;
   arq_bus_tel_channel(b, ARQ_TEL_CHANNEL_DELETED, ch);
   if (ch->nmembers > 0 && b->io.interest)
     b->io.interest(b->io.ud, ch->room->name, ch->name, false);
@@ -107,6 +109,7 @@ bool arq_router_join(arq_bus_t *b, arq_client_t *c, arq_channel_t *ch) {
   }
   s->idx = ch->nmembers;
   ch->members[ch->nmembers++] = s;
+  b->version++;
   if (ch->nmembers == 1 && b->io.interest)
     b->io.interest(b->io.ud, ch->room->name, ch->name, true);
   ch->empty = false;
@@ -127,6 +130,7 @@ bool arq_router_leave(arq_bus_t *b, arq_client_t *c, arq_channel_t *ch) {
   ch->members[s->idx] = last;
   last->idx = s->idx;
   drop_sub(s);
+  b->version++;
   if (ch->nmembers == 0 && b->io.interest)
     b->io.interest(b->io.ud, ch->room->name, ch->name, false);
   arq_bus_tel_member(b, ARQ_TEL_CLIENT_LEFT, c, ch);

@@ -54,6 +54,8 @@ static void bus_interest(void *ud, const char *room, const char *channel, bool o
   arq_cluster_interest(((arq_server_t *)ud)->cluster, room, channel, on);
 }
 
+static void bus_cast(void *ud, const arq_bus_cast_t *m) { arq_cluster_cast(((arq_server_t *)ud)->cluster, m); }
+
 static void bus_telemetry(void *ud, arq_tel_event_t ev, json_t *env) { arq_telemetry_publish(ud, ev, env); }
 
 /* The shell's figures in status reports. */
@@ -121,6 +123,8 @@ static arq_bus_t *make_bus(arq_server_t *srv, char *err, size_t cap) {
   if (srv->cluster) {
     io.append = bus_append;
     io.interest = bus_interest;
+    io.cast = bus_cast;
+    o.node_id = arq_cluster_node_id(srv->cluster);
   }
   uint64_t first = arq_time_wall_ms() << 10; /* see arq_history_mem_new_at() */
   arq_history_t *history = srv->cluster ? arq_cluster_history(srv->cluster)

@@ -43,6 +43,7 @@ typedef struct sub {
   char cursor[48];   /* the last id delivered; "" until known */
   bool wanted;       /* the channel has members here */
   bool looking;      /* the XREVRANGE for the cursor is in flight */
+  bool is_bus;       /* arqon:bus, the stream of casts between nodes (shard 0) */
   uint64_t trimmed_at; /* last age trim, monotonic ms */
   shard_t *shard;
   UT_hash_handle hh;
@@ -83,6 +84,9 @@ struct arq_cluster {
   uint64_t block_ms;
   size_t held_bytes, nheld;
   bool closing;
+  uint64_t snap_version;  /* of the last snapshot stored */
+  uint64_t snap_at;       /* when it was stored, monotonic ms (0: never) */
+  bool peers_reading;
   arq_cluster_stats_t st;
 };
 
@@ -147,6 +151,40 @@ static void deliver_entry(arq_cluster_t *cl, const sub_t *s, const char *pos, co
   arq_rcbuf_unref(f);
 }
 
+/* Hands a cast another node stored in arqon:bus to the bus. */
+static void receive_cast(arq_cluster_t *cl, const redisReply *fields) {
+  arq_bus_cast_t m = {.room = "", .channel = "", .client_id = "", .to = ""};
+  const char *node = "";
+  int kind = -1;
+  for (size_t i = 0; fields && i + 1 < fields->elements; i += 2) {
+    const redisReply *k = fields->element[i], *v = fields->element[i + 1];
+    if (k->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING)
+      continue;
+    if (strcmp(k->str, "node") == 0)
+      node = v->str;
+    else if (strcmp(k->str, "kind") == 0)
+      kind = arq_cast_parse(v->str);
+    else if (strcmp(k->str, "room") == 0)
+      m.room = v->str;
+    else if (strcmp(k->str, "channel") == 0)
+      m.channel = v->str;
+    else if (strcmp(k->str, "cid") == 0)
+      m.client_id = v->str;
+    else if (strcmp(k->str, "to") == 0)
+      m.to = v->str;
+    else if (strcmp(k->str, "at") == 0)
+      m.at = strtoull(v->str, NULL, 10);
+    else if (strcmp(k->str, "env") == 0 && v->len >= 2) {
+      m.json = v->str;
+      m.len = v->len;
+    }
+  }
+  if (kind < 0 || strcmp(node, cl->node_id) == 0)
+    return; /* this node's own: handled when it was sent */
+  m.kind = (arq_cast_kind_t)kind;
+  arq_bus_receive_cast(cl->bus, &m);
+}
+
 static void on_read(redisAsyncContext *ac, void *reply, void *privdata) {
   shard_t *sh = privdata;
   arq_cluster_t *cl = sh->cl;
@@ -173,7 +211,9 @@ static void on_read(redisAsyncContext *ac, void *reply, void *privdata) {
         if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 || e->element[0]->type != REDIS_REPLY_STRING)
           continue;
         snprintf(s->cursor, sizeof s->cursor, "%s", e->element[0]->str);
-        if (s->wanted)
+        if (s->is_bus)
+          receive_cast(cl, e->element[1]->type == REDIS_REPLY_ARRAY ? e->element[1] : NULL);
+        else if (s->wanted)
           deliver_entry(cl, s, e->element[0]->str, e->element[1]->type == REDIS_REPLY_ARRAY ? e->element[1] : NULL);
       }
     }
@@ -190,7 +230,7 @@ static void read_streams(shard_t *sh) {
   size_t n = 0;
   sub_t *s, *tmp;
   HASH_ITER(hh, sh->subs, s, tmp) {
-    if (!s->wanted && !s->looking) {
+    if (!s->wanted && !s->looking && !s->is_bus) {
       HASH_DEL(sh->subs, s);
       arq_free(s);
     } else if (s->cursor[0]) {
@@ -425,6 +465,137 @@ static void trim_by_age(shard_t *sh, uint64_t now) {
     arq_redis_command(sh->cmd, NULL, NULL, "XTRIM %s MINID ~ %llu", s->key,
                       (unsigned long long)(wall - cl->o.max_age_ms));
   }
+}
+
+/* ---- between nodes ------------------------------------------------------------ */
+
+#define BUS_STREAM "arqon:bus"
+#define BUS_MAXLEN "10000"
+#define NODES_SET "arqon:nodes"
+
+void arq_cluster_cast(arq_cluster_t *cl, const arq_bus_cast_t *m) {
+  if (cl->closing)
+    return;
+  char at[24];
+  snprintf(at, sizeof at, "%llu", (unsigned long long)m->at);
+  const char *argv[22] = {"XADD",    BUS_STREAM, "MAXLEN", "~",  BUS_MAXLEN,  "*",           "node",
+                          cl->node_id, "kind",   arq_cast_name(m->kind), "room", m->room ? m->room : "",
+                          "channel", m->channel ? m->channel : "", "cid", m->client_id ? m->client_id : "",
+                          "to",      m->to ? m->to : "", "at", at, "env", m->json ? m->json : ""};
+  size_t lens[22];
+  for (int i = 0; i < 22; i++)
+    lens[i] = strlen(argv[i]);
+  lens[21] = m->json ? m->len : 0;
+  /* While shard 0 is unreachable, the other nodes cannot be told: lost. */
+  if (arq_redis_argv(cl->shards[0].cmd, NULL, NULL, 22, argv, lens) != 0)
+    cl->st.casts_lost++;
+  else
+    cl->st.casts++;
+}
+
+static void node_key(char *key, size_t cap, const char *node) { snprintf(key, cap, "arqon:node:%s", node); }
+
+/* The nodes named in arqon:nodes, while their snapshots are read. */
+typedef struct peer_read {
+  arq_cluster_t *cl;
+  size_t n;
+  char **names;
+} peer_read_t;
+
+static void on_peers(redisAsyncContext *ac, void *reply, void *privdata) {
+  peer_read_t *pr = privdata;
+  arq_cluster_t *cl = pr->cl;
+  redisReply *r = reply;
+  if (!cl->closing) {
+    cl->peers_reading = false;
+    if (r && r->type == REDIS_REPLY_ARRAY && r->elements == pr->n) {
+      json_t *peers = json_array();
+      for (size_t i = 0; i < r->elements; i++) {
+        const redisReply *e = r->element[i];
+        if (e->type != REDIS_REPLY_STRING) {
+          /* Its snapshot expired: the node is gone (one that comes back adds
+           * itself again). */
+          arq_redis_command(cl->shards[0].cmd, NULL, NULL, "SREM %s %s", NODES_SET, pr->names[i]);
+          continue;
+        }
+        json_t *snap = json_loadb(e->str, e->len, 0, NULL);
+        const char *node = json_string_value(json_object_get(snap, "node"));
+        if (node && strcmp(node, cl->node_id) != 0)
+          json_array_append(peers, snap);
+        json_decref(snap);
+      }
+      arq_bus_set_peers(cl->bus, peers);
+    }
+  }
+  for (size_t i = 0; i < pr->n; i++)
+    arq_free(pr->names[i]);
+  arq_free(pr->names);
+  arq_free(pr);
+}
+
+static void on_members(redisAsyncContext *ac, void *reply, void *privdata) {
+  arq_cluster_t *cl = privdata;
+  redisReply *r = reply;
+  if (cl->closing)
+    return;
+  if (!r || r->type != REDIS_REPLY_ARRAY || r->elements == 0) {
+    cl->peers_reading = false;
+    return;
+  }
+  peer_read_t *pr = arq_calloc(1, sizeof *pr);
+  pr->cl = cl;
+  pr->n = r->elements;
+  pr->names = arq_calloc(pr->n, sizeof *pr->names);
+  const char **argv = arq_calloc(pr->n + 1, sizeof *argv);
+  size_t *lens = arq_calloc(pr->n + 1, sizeof *lens);
+  char (*keys)[KEY_MAX] = arq_calloc(pr->n, sizeof *keys);
+  argv[0] = "MGET";
+  lens[0] = 4;
+  for (size_t i = 0; i < pr->n; i++) {
+    const redisReply *e = r->element[i];
+    pr->names[i] = arq_strdup(e->type == REDIS_REPLY_STRING ? e->str : "");
+    node_key(keys[i], KEY_MAX, pr->names[i]);
+    argv[i + 1] = keys[i];
+    lens[i + 1] = strlen(keys[i]);
+  }
+  if (arq_redis_argv(cl->shards[0].cmd, on_peers, pr, (int)pr->n + 1, argv, lens) != 0) {
+    cl->peers_reading = false;
+    for (size_t i = 0; i < pr->n; i++)
+      arq_free(pr->names[i]);
+    arq_free(pr->names);
+    arq_free(pr);
+  }
+  arq_free(argv);
+  arq_free(lens);
+  arq_free(keys);
+}
+
+/* Every second: store this node's snapshot when it changed (else only keep
+ * it alive), and read the other nodes'. */
+static void presence(arq_cluster_t *cl, uint64_t now) {
+  shard_t *sh = &cl->shards[0];
+  if (!cl->bus || !arq_redis_up(sh->cmd))
+    return;
+  char key[KEY_MAX], ttl[24];
+  node_key(key, sizeof key, cl->node_id);
+  snprintf(ttl, sizeof ttl, "%llu", (unsigned long long)cl->o.node_ttl_ms);
+  uint64_t v = arq_bus_snapshot_version(cl->bus);
+  if (cl->snap_at == 0 || v != cl->snap_version) {
+    json_t *snap = arq_bus_snapshot(cl->bus);
+    char *text = json_dumps(snap, JSON_COMPACT);
+    json_decref(snap);
+    if (arq_redis_command(sh->cmd, NULL, NULL, "SET %s %s PX %s", key, text, ttl) == 0) {
+      cl->snap_version = v;
+      cl->snap_at = now;
+    }
+    free(text);
+  } else {
+    arq_redis_command(sh->cmd, NULL, NULL, "PEXPIRE %s %s", key, ttl);
+  }
+  arq_redis_command(sh->cmd, NULL, NULL, "SADD %s %s", NODES_SET, cl->node_id);
+  if (!cl->peers_reading &&
+      arq_redis_command(sh->cmd, on_members, cl, "SMEMBERS %s", NODES_SET) == 0)
+    cl->peers_reading = true;
 }
 
 /* ---- connections ----------------------------------------------------------- */
@@ -720,6 +891,11 @@ arq_cluster_t *arq_cluster_new(uv_loop_t *loop, const arq_cluster_opts_t *o) {
     sh->rd = arq_redis_new(loop, url, o->timeout_ms, on_rd_state, sh);
     arq_free(url);
   }
+  sub_t *bus = arq_calloc(1, sizeof *bus);
+  snprintf(bus->key, sizeof bus->key, "%s", BUS_STREAM);
+  bus->is_bus = bus->wanted = true;
+  bus->shard = &cl->shards[0];
+  HASH_ADD_STR(cl->shards[0].subs, key, bus);
   return cl;
 }
 
@@ -728,6 +904,7 @@ arq_history_t *arq_cluster_history(arq_cluster_t *cl) { return &cl->base; }
 void arq_cluster_attach(arq_cluster_t *cl, arq_bus_t *bus) { cl->bus = bus; }
 
 void arq_cluster_tick(arq_cluster_t *cl, uint64_t now_ms) {
+  presence(cl, now_ms);
   for (size_t i = 0; i < cl->nshards; i++)
     trim_by_age(&cl->shards[i], now_ms);
 }

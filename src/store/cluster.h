@@ -54,6 +54,8 @@ void arq_cluster_attach(arq_cluster_t *cl, arq_bus_t *bus);
 /* The bus's io.append and io.interest. */
 void arq_cluster_append(arq_cluster_t *cl, arq_bus_pub_t *p);
 void arq_cluster_interest(arq_cluster_t *cl, const char *room, const char *channel, bool on);
+/* The bus's io.cast: appended to the stream arqon:bus that every node reads. */
+void arq_cluster_cast(arq_cluster_t *cl, const arq_bus_cast_t *m);
 
 /* Periodic work (age trimming, the node's presence); 'now_ms' monotonic. */
 void arq_cluster_tick(arq_cluster_t *cl, uint64_t now_ms);
@@ -72,6 +74,8 @@ typedef struct arq_cluster_stats {
   uint64_t written_back;  /* ... later stored */
   uint64_t refused;       /* publishes refused: strict mode or the buffer full */
   uint64_t read;          /* stream entries read by XREAD */
+  uint64_t casts;         /* messages for the other nodes sent to arqon:bus */
+  uint64_t casts_lost;    /* ... not sent: shard 0 was unreachable */
   uint64_t held_now;      /* in the outage buffer now */
   uint64_t held_bytes;
   arq_redis_stats_t redis; /* every connection's counters added up */
