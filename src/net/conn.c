@@ -65,6 +65,10 @@ void arq_conn_destroy(arq_conn_t *c, arq_close_reason_t reason) {
   if (c->state == ARQ_CONN_HANDSHAKE)
     srv->npending--;
   c->state = ARQ_CONN_CLOSED;
+  if (c->waiter) {
+    c->waiter->c = NULL;
+    c->waiter = NULL;
+  }
   detach(c);
   unlink_all_timers(c);
   arq_list_remove(&c->node_open);

@@ -48,6 +48,7 @@ struct arq_conn {
   arq_outq_t outq;
   arq_http_req_t *req;     /* during the handshake only */
   arq_client_t *client;    /* the bus's client while open (bus port only) */
+  struct arq_http_wait *waiter; /* ops port: an answer that comes later (from Redis), or NULL */
   arq_ws_decoder_t dec;
   uint64_t deadline;       /* handshake or close deadline (loop ms) */
   uint64_t ping_at;
@@ -99,6 +100,12 @@ bool arq_conn_write_progressed(arq_conn_t *c, uint64_t now);
 
 /* Forgets the bus client of 'c' without telling the bus (the bus closed it). */
 static inline void arq_conn_forget_client(arq_conn_t *c) { c->client = NULL; }
+
+/* An ops request answered later: 'c' is set to NULL if the connection goes
+ * first, so that the answer knows to drop itself. */
+typedef struct arq_http_wait {
+  arq_conn_t *c;
+} arq_http_wait_t;
 
 /* Serves one request on the ops port (net/ops.c). */
 void arq_ops_handle(arq_conn_t *c, const arq_http_req_t *req);

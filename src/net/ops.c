@@ -148,7 +148,15 @@ static void serve_status(arq_conn_t *c, const arq_http_req_t *req) {
   json_decref(s);
 }
 
-static void history_answer(void *ud, int status, json_t *body) { reply_json_value(ud, status, body); }
+/* Redis answers after the request's connection may have gone. */
+static void history_answer(void *ud, int status, json_t *body) {
+  arq_http_wait_t *w = ud;
+  if (w->c) {
+    w->c->waiter = NULL;
+    reply_json_value(w->c, status, body);
+  }
+  arq_free(w);
+}
 
 static void serve_history(arq_conn_t *c, const arq_http_req_t *req) {
   char room[2 * ARQ_NAME_MAX + 2], channel[2 * ARQ_NAME_MAX + 2], since[ARQ_ENV_MAX_ID + 1];
@@ -167,8 +175,11 @@ static void serve_history(arq_conn_t *c, const arq_http_req_t *req) {
     reply_error(c, 400, "invalid_argument", "limit must be at least 1");
     return;
   }
+  arq_http_wait_t *w = arq_malloc(sizeof *w);
+  w->c = c;
+  c->waiter = w;
   arq_bus_history(c->srv->bus, rr ? room : NULL, rc ? channel : NULL, limit, rs > 0 && since[0] ? since : NULL,
-                  history_answer, c);
+                  history_answer, w);
 }
 
 void arq_ops_handle(arq_conn_t *c, const arq_http_req_t *req) {

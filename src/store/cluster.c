@@ -409,8 +409,7 @@ static void send_item(item_t *it) {
   size_t lens[20];
   int argc = it->held ? 20 : 18;
   for (int i = 0; i < argc; i++)
-    lens[i] = strlen(argv[i]);
-  lens[17] = p->len;
+    lens[i] = i == 17 ? p->len : strlen(argv[i]);
   if (arq_redis_argv(it->shard->cmd, on_xadd, it, argc, argv, lens) == 0)
     it->inflight = true;
 }
@@ -483,9 +482,9 @@ void arq_cluster_cast(arq_cluster_t *cl, const arq_bus_cast_t *m) {
                           "channel", m->channel ? m->channel : "", "cid", m->client_id ? m->client_id : "",
                           "to",      m->to ? m->to : "", "at", at, "env", m->json ? m->json : ""};
   size_t lens[22];
-  for (int i = 0; i < 22; i++)
+  for (int i = 0; i < 21; i++)
     lens[i] = strlen(argv[i]);
-  lens[21] = m->json ? m->len : 0;
+  lens[21] = m->json ? m->len : 0; /* not NUL-terminated */
   /* While shard 0 is unreachable, the other nodes cannot be told: lost. */
   if (arq_redis_argv(cl->shards[0].cmd, NULL, NULL, 22, argv, lens) != 0)
     cl->st.casts_lost++;

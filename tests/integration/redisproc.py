@@ -3,7 +3,10 @@
 RedisServer(tmpdir).start() runs redis-server on a free port in 'tmpdir'
 (no persistence unless asked), waits until it answers PING, and stop() ends
 it. kill() sends SIGKILL, pause()/resume() SIGSTOP/SIGCONT, restart() starts
-it again on the same port.
+it again on the same port. With appendonly=True and appendfsync="always",
+every write Redis answered survives a SIGKILL: start() again (same port,
+same directory) loads it back. entries() reads a channel's stream with
+redis-py, decoded.
 """
 import os
 import signal
@@ -26,12 +29,14 @@ def ping(port, timeout=0.5):
 
 
 class RedisServer:
-    def __init__(self, tmpdir, appendonly=False):
+    def __init__(self, tmpdir, appendonly=False, appendfsync=None):
         assert os.path.exists(REDIS), "redis-server is missing: make deps installs Debian's redis-server"
         self.tmpdir = tmpdir
         self.port = free_port()
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.proc = None
+        self.log = None
 
     @property
     def url(self):
@@ -40,6 +45,10 @@ class RedisServer:
     def start(self, timeout=10):
         args = [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.tmpdir, "--save", "",
                 "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no", "--loglevel", "warning"]
+        if self.appendfsync:
+            args += ["--appendfsync", self.appendfsync]
+        if self.log:
+            self.log.close()
         self.log = open(os.path.join(self.tmpdir, "redis-%d.log" % self.port), "ab")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -75,5 +84,18 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc:
+        if self.log:
             self.log.close()
+            self.log = None
+
+    def entries(self, channel):
+        """The stream of 'channel' ("room:channel") as [(stream id, {field: value})],
+        oldest first, decoded as UTF-8."""
+        import redis as redis_py
+        room, ch = channel.split(":")
+        r = redis_py.Redis(host="127.0.0.1", port=self.port)
+        try:
+            raw = r.xrange("arqon:room:%s:channel:%s" % (room, ch))
+        finally:
+            r.close()
+        return [(sid.decode(), {k.decode(): v.decode() for k, v in fields.items()}) for sid, fields in raw]
