@@ -179,6 +179,13 @@ size_t arq_metrics_render(const arq_metrics_t *m, const arq_bus_stats_t *bus, co
            r->held_bytes);
     series(&o, "arqonbus_redis_stream_reads_total", "counter",
            "Stream entries this node read to deliver (from every node's publishers).", r->read);
+    series(&o, "arqonbus_redis_read_gaps_total", "counter",
+           "Times this node fell so far behind a stream that entries were trimmed before it delivered them.",
+           r->read_gaps);
+    series(&o, "arqonbus_cluster_casts_total", "counter",
+           "Messages for the other nodes (room-wide, private, notifications) sent through arqon:bus.", r->casts);
+    series(&o, "arqonbus_cluster_casts_lost_total", "counter",
+           "Messages for the other nodes not sent because Redis was unreachable.", r->casts_lost);
   }
   series(&o, "arqonbus_telemetry_clients", "gauge", "Monitoring clients on the telemetry port.", telemetry_clients);
   series(&o, "arqonbus_telemetry_events_total", "counter", "Telemetry events published to monitoring clients.",

@@ -31,7 +31,8 @@
 #include "util/list.h"
 #include "util/time.h"
 
-#define READ_COUNT "1000"       /* entries per stream per XREAD */
+#define READ_COUNT 1000         /* entries per stream per XREAD */
+#define MIN_STREAM_LEN 1000     /* streams keep at least this many entries (see maxlen()) */
 #define KEY_MAX (2 * ARQ_NAME_MAX + 32)
 
 typedef struct shard shard_t;
@@ -185,6 +186,38 @@ static void receive_cast(arq_cluster_t *cl, const redisReply *fields) {
   arq_bus_receive_cast(cl->bus, &m);
 }
 
+/* A full batch: this node may have fallen so far behind that entries were
+ * trimmed before it read them. It has when the oldest entry kept is newer
+ * than the last one it delivered. */
+typedef struct lag_check {
+  arq_cluster_t *cl;
+  char key[KEY_MAX];
+  uint64_t cursor;
+} lag_check_t;
+
+static void on_lag_check(redisAsyncContext *ac, void *reply, void *privdata) {
+  lag_check_t *lc = privdata;
+  redisReply *r = reply;
+  if (!lc->cl->closing && r && r->type == REDIS_REPLY_ARRAY && r->elements > 0 &&
+      r->element[0]->type == REDIS_REPLY_ARRAY && r->element[0]->elements > 0 &&
+      r->element[0]->element[0]->type == REDIS_REPLY_STRING &&
+      arq_hist_pos_value(r->element[0]->element[0]->str) > lc->cursor) {
+    lc->cl->st.read_gaps++;
+    arq_log(ARQ_LOG_WARN, "cluster", "fell behind a stream: messages were trimmed before this node delivered them",
+            ARQ_LS("stream", lc->key), ARQ_LS("oldest_kept", r->element[0]->element[0]->str));
+  }
+  arq_free(lc);
+}
+
+static void check_lag(shard_t *sh, const sub_t *s, const char *cursor) {
+  lag_check_t *lc = arq_calloc(1, sizeof *lc);
+  lc->cl = sh->cl;
+  snprintf(lc->key, sizeof lc->key, "%s", s->key);
+  lc->cursor = arq_hist_pos_value(cursor);
+  if (arq_redis_command(sh->cmd, on_lag_check, lc, "XRANGE %s - + COUNT 1", s->key) != 0)
+    arq_free(lc);
+}
+
 static void on_read(redisAsyncContext *ac, void *reply, void *privdata) {
   shard_t *sh = privdata;
   arq_cluster_t *cl = sh->cl;
@@ -206,6 +239,8 @@ static void on_read(redisAsyncContext *ac, void *reply, void *privdata) {
       if (!s)
         continue;
       const redisReply *entries = st->element[1];
+      if (entries->elements >= READ_COUNT && !s->is_bus)
+        check_lag(sh, s, s->cursor);
       for (size_t j = 0; j < entries->elements; j++) {
         const redisReply *e = entries->element[j];
         if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 || e->element[0]->type != REDIS_REPLY_STRING)
@@ -244,7 +279,9 @@ static void read_streams(shard_t *sh) {
   size_t *lens = arq_calloc(argc, sizeof *lens);
   char block[24];
   snprintf(block, sizeof block, "%llu", (unsigned long long)cl->block_ms);
-  const char *head[6] = {"XREAD", "COUNT", READ_COUNT, "BLOCK", block, "STREAMS"};
+  char count[24];
+  snprintf(count, sizeof count, "%d", READ_COUNT);
+  const char *head[6] = {"XREAD", "COUNT", count, "BLOCK", block, "STREAMS"};
   for (size_t i = 0; i < 6; i++)
     argv[i] = head[i];
   size_t k = 0;
@@ -402,7 +439,7 @@ static void send_item(item_t *it) {
   arq_bus_pub_t *p = it->p;
   char key[KEY_MAX], maxlen[24];
   stream_key(key, p->room, p->channel);
-  snprintf(maxlen, sizeof maxlen, "%zu", cl->o.history_size ? cl->o.history_size : 1);
+  snprintf(maxlen, sizeof maxlen, "%zu", cl->o.history_size > MIN_STREAM_LEN ? cl->o.history_size : MIN_STREAM_LEN);
   const char *argv[20] = {"XADD", key, "MAXLEN", "~", maxlen, "*", "id", p->id, "node", cl->node_id,
                           "from", p->from, "skip", p->skip_sender ? "1" : "0", "type", type_name(p->type),
                           "envelope", p->json, "wb", "1"};

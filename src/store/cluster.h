@@ -34,7 +34,7 @@ typedef struct arq_cluster arq_cluster_t;
 typedef struct arq_cluster_opts {
   const char *urls;         /* comma-separated redis:// URLs, one per shard (checked) */
   uint64_t timeout_ms;
-  size_t history_size;      /* MAXLEN ~ of every stream, and the cache per channel */
+  size_t history_size;      /* MAXLEN ~ of every stream (at least 1000), and the cache per channel */
   uint64_t max_age_ms;      /* streams are also trimmed to this age (MINID ~); 0: no age limit */
   bool strict;              /* refuse publishes that cannot be stored */
   size_t buffer_messages;   /* outage buffer bounds */
@@ -74,6 +74,7 @@ typedef struct arq_cluster_stats {
   uint64_t written_back;  /* ... later stored */
   uint64_t refused;       /* publishes refused: strict mode or the buffer full */
   uint64_t read;          /* stream entries read by XREAD */
+  uint64_t read_gaps;     /* times this node fell behind a stream past its trimming */
   uint64_t casts;         /* messages for the other nodes sent to arqon:bus */
   uint64_t casts_lost;    /* ... not sent: shard 0 was unreachable */
   uint64_t held_now;      /* in the outage buffer now */
