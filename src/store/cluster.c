@@ -447,8 +447,13 @@ static void send_item(item_t *it) {
   int argc = it->held ? 20 : 18;
   for (int i = 0; i < argc; i++)
     lens[i] = i == 17 ? p->len : strlen(argv[i]);
-  if (arq_redis_argv(it->shard->cmd, on_xadd, it, argc, argv, lens) == 0)
-    it->inflight = true;
+  if (arq_redis_argv(it->shard->cmd, on_xadd, it, argc, argv, lens) != 0)
+    return;
+  it->inflight = true;
+  uint64_t wall = arq_time_wall_ms();
+  if (cl->o.max_age_ms && wall > cl->o.max_age_ms) /* by age too; cheap when there is nothing to trim */
+    arq_redis_command(it->shard->cmd, NULL, NULL, "XTRIM %s MINID ~ %llu", key,
+                      (unsigned long long)(wall - cl->o.max_age_ms));
 }
 
 void arq_cluster_append(arq_cluster_t *cl, arq_bus_pub_t *p) {
