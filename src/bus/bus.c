@@ -589,17 +589,17 @@ static void remove_client(arq_bus_t *b, arq_client_t *c) {
   }
   arq_bus_agent_activity(b, c, "disconnected", NULL);
   while (c->nsubs > 0) {
+    /* The others hear of it first: leaving may remove the channel here
+     * while members on other nodes remain. */
     arq_channel_t *ch = c->subs[c->nsubs - 1]->channel;
-    bool last = b->quiet || (ch->nmembers == 1 && !ch->bootstrap && b->o.channel_ttl_ms == 0);
-    json_t *fields = arq_bus_member_fields(b, c, ch);
-    arq_router_leave(b, c, ch);
-    if (!last) {
-      json_object_set_new(fields, "members", json_integer((json_int_t)arq_bus_members_total(b, ch)));
+    size_t left = arq_bus_members_total(b, ch) - 1;
+    if (!b->quiet && left > 0) {
+      json_t *fields = arq_bus_member_fields(b, c, ch);
+      json_object_set_new(fields, "members", json_integer((json_int_t)left));
       json_object_set_new(fields, "reason", json_string("disconnected"));
-      arq_bus_notify(b, ch, NULL, "client_left", fields);
-    } else {
-      json_decref(fields);
+      arq_bus_notify(b, ch, c, "client_left", fields);
     }
+    arq_router_leave(b, c, ch);
   }
   arq_bus_client_unref(c);
 }
@@ -708,8 +708,11 @@ void arq_bus_pub_done(arq_bus_t *b, arq_bus_pub_t *p, int status, const char *po
       send_ack(b, c, p->id, p->room, p->channel, position);
     else if (status != 0)
       arq_bus_error(b, c, p->id, NULL, ARQ_CODE_STORAGE_UNAVAILABLE,
-                    json_pack("{s:s, s:s, s:s}", "room", p->room, "channel", p->channel, "id", p->id),
-                    "the message was not stored (storage is unavailable) and was not delivered");
+                    json_pack("{s:s, s:s, s:s}", "room", p->room, "channel", p->channel, "id", p->id), "%s",
+                    status == ARQ_ECLOSED ? "the connection to storage was lost before it confirmed the message: it "
+                                            "is not acknowledged and may not have been stored"
+                    : status == ARQ_EPROTO ? "storage refused the message: it was not stored"
+                                           : "storage is unavailable: the message was not stored or delivered");
   }
   if (c)
     arq_bus_client_unref(c);
@@ -763,10 +766,13 @@ static void route_telemetry(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
   json_t *obj = outgoing(b, c, e, id);
   if (arq_bus_tel_wanted(b, ARQ_TEL_CLIENT_TELEMETRY))
     b->io.telemetry(b->io.ud, ARQ_TEL_CLIENT_TELEMETRY, obj);
-  if (b->tel_room[0])
+  if (b->tel_room[0]) {
     publish_to_channel(b, c, e, id, obj);
-  else
+  } else {
     json_decref(obj);
+    if (e->ack) /* routed to the telemetry port only: nothing is stored */
+      send_ack(b, c, id, NULL, NULL, NULL);
+  }
 }
 
 static void route_private(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {

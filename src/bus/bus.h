@@ -203,7 +203,10 @@ void arq_bus_history(arq_bus_t *b, const char *room, const char *channel, long l
 
 /* Ends a message handed to io.append: 'status' 0 when it was stored at
  * 'position' (the sender gets its acknowledgement if it asked), else the
- * sender gets a storage_unavailable error naming the message. Frees 'p'. */
+ * sender gets a storage_unavailable error naming the message, which says
+ * why: ARQ_EIO refused before it was sent (not stored, not delivered),
+ * ARQ_ECLOSED the connection went before Redis confirmed it (not known),
+ * ARQ_EPROTO Redis answered with an error (not stored). Frees 'p'. */
 void arq_bus_pub_done(arq_bus_t *b, arq_bus_pub_t *p, int status, const char *position);
 
 /* Delivers 'frame' (borrowed), a stored message of type 'type' for channel

@@ -195,52 +195,55 @@ static void cmd_leave(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const c
                   t.channel);
     return;
   }
+  /* The others hear of it first: leaving may remove the channel here while
+   * members on other nodes remain. */
   size_t left = arq_bus_members_total(b, ch) - 1;
-  json_t *fields = arq_bus_member_fields(b, c, ch);
-  json_object_set_new(fields, "members", json_integer((json_int_t)left));
-  json_object_set_new(fields, "reason", json_string("left"));
-  bool removed = ch->nmembers == 1 && b->o.channel_ttl_ms == 0 && !ch->bootstrap;
-  arq_router_leave(b, c, ch); /* may remove the channel: then 'ch' is gone */
-  if (left > 0 && !removed)
-    arq_bus_notify(b, ch, NULL, "client_left", fields);
-  else
-    json_decref(fields);
+  if (left > 0) {
+    json_t *fields = arq_bus_member_fields(b, c, ch);
+    json_object_set_new(fields, "members", json_integer((json_int_t)left));
+    json_object_set_new(fields, "reason", json_string("left"));
+    arq_bus_notify(b, ch, c, "client_left", fields);
+  }
+  arq_router_leave(b, c, ch); /* may remove the channel: 'ch' is not used after */
   json_t *r = where(&t);
   json_object_set_new(r, "left", json_true());
   json_object_set_new(r, "members", json_integer((json_int_t)left));
   arq_bus_reply(b, c, e, cmd->name, r);
 }
 
-static int by_key(const void *a, const void *b) {
-  return strcmp((*(arq_channel_t *const *)a)->key, (*(arq_channel_t *const *)b)->key);
+/* One row of list_channels: a channel of this node, or one that exists on
+ * other nodes only. */
+typedef struct listed {
+  const char *key;
+  arq_channel_t *ch;
+  const arq_peer_chan_t *pc;
+} listed_t;
+
+static int by_listed_key(const void *a, const void *b) {
+  return strcmp(((const listed_t *)a)->key, ((const listed_t *)b)->key);
 }
 
 static void cmd_list(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
   target_t t;
   if (!target(b, c, e, cmd, &t, false))
     return;
-  size_t n = HASH_COUNT(b->channels), k = 0;
-  arq_channel_t **all = arq_calloc(n ? n : 1, sizeof *all);
+  size_t n = HASH_COUNT(b->channels) + HASH_COUNT(b->peer_chans), k = 0;
+  listed_t *all = arq_calloc(n ? n : 1, sizeof *all);
   arq_channel_t *ch, *tmp;
   HASH_ITER(hh, b->channels, ch, tmp) {
     if (!t.room[0] || strcmp(ch->room->name, t.room) == 0)
-      all[k++] = ch;
+      all[k++] = (listed_t){.key = ch->key, .ch = ch};
   }
-  qsort(all, k, sizeof *all, by_key);
-  json_t *list = json_array();
-  for (size_t i = 0; i < k; i++)
-    json_array_append_new(list, channel_summary(b, all[i]));
-  arq_free(all);
-  /* Channels that exist on other nodes only, after this node's. */
   const arq_peer_chan_t *pc, *ptmp;
-  json_t *remote = json_array();
   HASH_ITER(hh, b->peer_chans, pc, ptmp) {
     if ((!t.room[0] || strcmp(pc->room, t.room) == 0) && !arq_router_find(b, pc->room, pc->channel))
-      json_array_append_new(remote, peer_summary(b, pc));
+      all[k++] = (listed_t){.key = pc->key, .pc = pc};
   }
-  json_array_extend(list, remote);
-  json_decref(remote);
-  k = json_array_size(list);
+  qsort(all, k, sizeof *all, by_listed_key);
+  json_t *list = json_array();
+  for (size_t i = 0; i < k; i++)
+    json_array_append_new(list, all[i].ch ? channel_summary(b, all[i].ch) : peer_summary(b, all[i].pc));
+  arq_free(all);
   json_t *r = json_pack("{s:o, s:I}", "channels", list, "count", (json_int_t)k);
   if (t.room[0])
     json_object_set_new(r, "room", json_string(t.room));

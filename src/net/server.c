@@ -367,6 +367,8 @@ void arq_server_shutdown(arq_server_t *srv) {
     return;
   srv->draining = true;
   arq_bus_quiesce(srv->bus);
+  if (srv->cluster)
+    arq_cluster_leave(srv->cluster);
   /* The ops port stays open while clients drain, so that load balancers and
    * operators see /health answer 503 shutting_down. */
   for (int i = 0; i < ARQ_PORT_COUNT; i++) {

@@ -159,7 +159,7 @@ size_t arq_metrics_render(const arq_metrics_t *m, const arq_bus_stats_t *bus, co
     const arq_cluster_stats_t *r = storage->redis;
     series(&o, "arqonbus_redis_connects_total", "counter", "Connections to Redis established.", r->redis.connects);
     series(&o, "arqonbus_redis_disconnects_total", "counter", "Connections to Redis lost.", r->redis.disconnects);
-    series(&o, "arqonbus_redis_errors_total", "counter", "Redis commands that failed or got an error reply.",
+    series(&o, "arqonbus_redis_errors_total", "counter", "Redis commands that could not be sent, and error replies to connection setup (refused stream writes count in arqonbus_redis_stream_writes_total).",
            r->redis.errors);
     series(&o, "arqonbus_redis_timeouts_total", "counter", "Redis connections dropped for not answering in time.",
            r->redis.timeouts);

@@ -88,6 +88,7 @@ struct arq_cluster {
   uint64_t snap_version;  /* of the last snapshot stored */
   uint64_t snap_at;       /* when it was stored, monotonic ms (0: never) */
   bool peers_reading;
+  bool leaving;           /* shutting down: presence withdrawn */
   arq_cluster_stats_t st;
 };
 
@@ -145,10 +146,13 @@ static void deliver_entry(arq_cluster_t *cl, const sub_t *s, const char *pos, co
   bool mine = strcmp(node, cl->node_id) == 0;
   size_t off, len;
   arq_rcbuf_t *f = arq_env_frame_text(env, envlen, pos, &off, &len);
-  arq_history_mem_put(cl->cache, s->room, s->channel, id, f, off, len, arq_hist_pos_value(pos));
-  if (!(mine && wb)) /* a written-back message was delivered here during the outage */
+  /* A written-back message of this node was delivered (and cached) here
+   * during the outage. */
+  if (!(mine && wb)) {
+    arq_history_mem_put(cl->cache, s->room, s->channel, id, f, off, len, arq_hist_pos_value(pos));
     arq_bus_deliver(cl->bus, s->room, s->channel, f, telemetry ? ARQ_MSG_TELEMETRY : ARQ_MSG_EVENT,
                     mine && skip ? from : NULL);
+  }
   arq_rcbuf_unref(f);
 }
 
@@ -426,11 +430,23 @@ static void on_xadd(redisAsyncContext *ac, void *reply, void *privdata) {
     return;
   }
   cl->st.failed++;
-  if (r)
-    arq_log(ARQ_LOG_WARN, "cluster", "XADD failed", ARQ_LS("error", r->type == REDIS_REPLY_ERROR ? r->str : "?"),
+  if (r) {
+    /* Redis refuses it (out of memory, say): retrying would not help and
+     * would hold back the messages behind it. */
+    arq_log(ARQ_LOG_WARN, "cluster", "XADD refused", ARQ_LS("error", r->type == REDIS_REPLY_ERROR ? r->str : "?"),
             ARQ_LS("room", it->p->room), ARQ_LS("channel", it->p->channel));
+    unhold(it);
+    cl->st.refused++;
+    end_item(it, ARQ_EPROTO, NULL);
+    return;
+  }
   if (it->held)
-    return; /* written back at the next reconnect, still in order */
+    return; /* the connection went: written back at the next reconnect, still in order */
+  if (cl->o.strict) {
+    cl->st.refused++;
+    end_item(it, ARQ_ECLOSED, NULL);
+    return;
+  }
   hold(it);
 }
 
@@ -500,7 +516,7 @@ static void trim_by_age(shard_t *sh, uint64_t now) {
     return;
   sub_t *s, *tmp;
   HASH_ITER(hh, sh->subs, s, tmp) {
-    if (now < s->trimmed_at + 1000)
+    if (s->is_bus || now < s->trimmed_at + 1000)
       continue;
     s->trimmed_at = now;
     arq_redis_command(sh->cmd, NULL, NULL, "XTRIM %s MINID ~ %llu", s->key,
@@ -615,7 +631,7 @@ static void on_members(redisAsyncContext *ac, void *reply, void *privdata) {
  * it alive), and read the other nodes'. */
 static void presence(arq_cluster_t *cl, uint64_t now) {
   shard_t *sh = &cl->shards[0];
-  if (!cl->bus || !arq_redis_up(sh->cmd))
+  if (!cl->bus || cl->leaving || !arq_redis_up(sh->cmd))
     return;
   char key[KEY_MAX], ttl[24];
   node_key(key, sizeof key, cl->node_id);
@@ -752,8 +768,9 @@ static void finish_query(query_t *q) {
   } else {
     uint64_t pos = arq_hist_pos_value(q->since);
     /* Missing messages: the entry at 'since' was trimmed away (older than
-     * the oldest stored one). Position 0 asks for everything stored. */
-    res.since_found = pos == 0 || q->exists || q->first == 0 || pos > q->first;
+     * the oldest stored one, or the stream is empty now). Position 0 asks
+     * for everything stored. */
+    res.since_found = pos == 0 || q->exists || (q->first != 0 && pos > q->first);
     if (n > q->limit) {
       n = q->limit;
       res.more = true;
@@ -993,6 +1010,16 @@ void arq_cluster_stats(const arq_cluster_t *cl, arq_cluster_stats_t *s) {
     add_redis_stats(&s->redis, arq_redis_stats(cl->shards[i].cmd));
     add_redis_stats(&s->redis, arq_redis_stats(cl->shards[i].rd));
   }
+}
+
+void arq_cluster_leave(arq_cluster_t *cl) {
+  if (cl->leaving || cl->closing)
+    return;
+  cl->leaving = true;
+  char key[KEY_MAX];
+  node_key(key, sizeof key, cl->node_id);
+  arq_redis_command(cl->shards[0].cmd, NULL, NULL, "DEL %s", key);
+  arq_redis_command(cl->shards[0].cmd, NULL, NULL, "SREM %s %s", NODES_SET, cl->node_id);
 }
 
 void arq_cluster_close(arq_cluster_t *cl) {

@@ -83,6 +83,10 @@ typedef struct arq_cluster_stats {
 } arq_cluster_stats_t;
 void arq_cluster_stats(const arq_cluster_t *cl, arq_cluster_stats_t *s);
 
+/* The node is shutting down: its presence is withdrawn at once, so the
+ * other nodes stop counting its clients (they are closing). */
+void arq_cluster_leave(arq_cluster_t *cl);
+
 /* Starts closing: messages still held or in flight end (their senders are
  * gone by now), connections close. */
 void arq_cluster_close(arq_cluster_t *cl);

@@ -2,7 +2,7 @@
  *
  * Nothing here ever waits on Redis: the address is resolved with
  * uv_getaddrinfo (a libuv worker thread), hiredis connects non-blocking and
- * is driven by the libuv adapter's poll handle, and every command completes
+ * is driven by a uv_poll handle (our own adapter, redis.c), and every command completes
  * through its callback. The connection manager keeps one connection,
  * reconnects with exponential backoff when it drops, and pings it every
  * second: a ping unanswered for 'timeout' counts as a dead connection (hiredis
