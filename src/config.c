@@ -114,7 +114,7 @@ static const setting_t settings[] = {
      "largest envelope accepted; larger ones get a payload_too_large error (the connection stays open)"},
     {"max_malformed", T_COUNT, U64(max_malformed), 0, 1000000, "10",
      "malformed envelopes in a row after which a client is closed with 1008; 0 never closes"},
-    {"history_size", T_COUNT, U64(history_size), 0, 100000, "500", "messages kept per channel in memory; 0 keeps none"},
+    {"history_size", T_COUNT, U64(history_size), 0, 100000, "500", "messages kept per channel (Redis mode: streams keep about this many, at least 1000); 0 keeps none in memory"},
     {"history_max_limit", T_COUNT, U64(history_max_limit), 1, 100000, "500",
      "most messages one history command returns"},
     {"channel_ttl", T_DURATION, U64(channel_ttl_ms), 0, 24 * HOUR, "5m",

@@ -410,6 +410,23 @@ static void hold(item_t *it) {
     send_item(it);
 }
 
+/* The cache holds what this node delivered (from its reads) and what it
+ * published to channels it does not read, so that history during an outage
+ * has both. */
+static void cache_published(item_t *it, const char *pos) {
+  arq_bus_pub_t *p = it->p;
+  char key[KEY_MAX];
+  stream_key(key, p->room, p->channel);
+  sub_t *s = NULL;
+  HASH_FIND_STR(it->shard->subs, key, s);
+  if (s && s->wanted)
+    return; /* cached when read back */
+  size_t off, len;
+  arq_rcbuf_t *f = arq_env_frame_text(p->json, p->len, pos, &off, &len);
+  arq_history_mem_put(it->cl->cache, p->room, p->channel, p->id, f, off, len, arq_hist_pos_value(pos));
+  arq_rcbuf_unref(f);
+}
+
 static void on_xadd(redisAsyncContext *ac, void *reply, void *privdata) {
   item_t *it = privdata;
   arq_cluster_t *cl = it->cl;
@@ -425,6 +442,8 @@ static void on_xadd(redisAsyncContext *ac, void *reply, void *privdata) {
     if (it->held) {
       cl->st.written_back++;
       unhold(it);
+    } else {
+      cache_published(it, r->str);
     }
     end_item(it, 0, r->str);
     return;
