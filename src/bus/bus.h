@@ -82,9 +82,9 @@ typedef enum {
 
 typedef struct arq_bus_cast {
   arq_cast_kind_t kind;
-  const char *room, *channel; /* "" when not used */
-  const char *client_id;      /* "" when not used */
-  const char *to;             /* "" when not used */
+  const char *room, *channel; /* NULL or "" when not used */
+  const char *client_id;      /* NULL or "" when not used */
+  const char *to;             /* NULL or "" when not used */
   const char *json;           /* the envelope to deliver, or NULL */
   size_t len;
   uint64_t at;
