@@ -85,8 +85,9 @@ arq_history_t *arq_history_mem_new_at(size_t capacity, uint64_t first_position);
 
 /* Stores a message in the in-memory backend 'h' at the position 'position'
  * given by someone else (a Redis stream id as arq_hist_pos_value gives it; 0:
- * not known yet, it stands with the channel's newest message). A cache of
- * what a node delivered in cluster mode. */
+ * not known yet, it comes right after the channel's newest message, so that
+ * a query since that message finds it). A cache of what a node delivered in
+ * cluster mode. */
 void arq_history_mem_put(arq_history_t *h, const char *room, const char *channel, const char *id, arq_rcbuf_t *frame,
                          size_t off, size_t len, uint64_t position);
 

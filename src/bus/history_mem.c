@@ -109,9 +109,9 @@ static uint64_t mem_append(arq_history_t *h, const char *room, const char *chann
 void arq_history_mem_put(arq_history_t *h, const char *room, const char *channel, const char *id, arq_rcbuf_t *frame,
                          size_t off, size_t len, uint64_t position) {
   mem_t *m = (mem_t *)h;
-  if (position == 0) { /* not stored yet: it stands with the newest message */
+  if (position == 0) { /* not stored yet: it comes right after the newest message */
     ring_t *r = find(m, room, channel);
-    position = r && r->count ? r->slots[(r->head + r->count - 1) % m->cap].seq : 1;
+    position = r && r->count ? r->slots[(r->head + r->count - 1) % m->cap].seq + 1 : 1;
   }
   put(m, room, channel, id, frame, off, len, position);
 }

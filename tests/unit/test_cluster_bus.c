@@ -1636,7 +1636,7 @@ static void test_history_mem_put(void **state) {
 
   uint64_t p51 = arq_hist_pos_value("5-1");
   put(h, "r", "c", "arq_2", "{\"n\":2}", p51);
-  put(h, "r", "c", "arq_3", "{\"n\":3}", 0); /* stands with the newest */
+  put(h, "r", "c", "arq_3", "{\"n\":3}", 0); /* right after the newest */
   g = query(h, "r", "c", 10, NULL);
   assert_int_equal(g.count, 3);
   assert_false(g.more);
@@ -1644,7 +1644,7 @@ static void test_history_mem_put(void **state) {
   assert_string_equal(g.ids[1], "arq_2");
   assert_string_equal(g.ids[2], "arq_3");
   assert_true(g.seq[1] == p51);
-  assert_true(g.seq[2] == p51);
+  assert_true(g.seq[2] == p51 + 1);
   assert_string_equal(g.text[2], "{\"n\":3}");
   assert_int_equal(h->ops->count(h, "r", "c"), 3);
   assert_int_equal(h->ops->total(h), 3);
@@ -1654,8 +1654,9 @@ static void test_history_mem_put(void **state) {
   assert_int_equal(g.count, 2);
   assert_string_equal(g.ids[0], "arq_2");
   assert_true(g.since_found);
-  g = query(h, "r", "c", 10, "5-1");
-  assert_int_equal(g.count, 0);
+  g = query(h, "r", "c", 10, "5-1"); /* the one without a position of its own follows */
+  assert_int_equal(g.count, 1);
+  assert_string_equal(g.ids[0], "arq_3");
   assert_true(g.since_found);
   g = query(h, "r", "c", 10, "arq_2");
   assert_int_equal(g.count, 1);
