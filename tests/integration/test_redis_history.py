@@ -301,32 +301,37 @@ def test_since_across_a_restart_pages_with_more(make_server, redis):
 
 
 def test_trimmed_history_is_reported_as_a_gap(make_server, redis):
-    server = start(make_server, redis, "--history-size", "10")
-    all_ids = ["arq_t%d" % i for i in range(600)]
+    # Streams keep at least 1000 entries whatever history_size (they are the
+    # delivery log between nodes too), and MAXLEN ~ trims whole nodes of 100
+    # entries: 1300 messages are surely trimmed.
+    published = 1300
+    server = start(make_server, redis, "--history-size", "100")
+    all_ids = ["arq_t%d" % i for i in range(published)]
     with Bus(server.port) as pub:
         positions = publish_acked(pub, all_ids, batch=100)
     retained = redis.entries(CHANNEL)
-    # MAXLEN ~ 10 drops whole nodes: at least 10 are kept, the oldest are gone.
-    assert 10 <= len(retained) < 600
+    assert 100 <= len(retained) < published  # the oldest are gone
     assert [f["id"] for _, f in retained] == all_ids[-len(retained):]
     assert [sid for sid, _ in retained] == positions[-len(retained):]
     expected = [stored_as(e) for e in retained]
     with Bus(server.port, channel=CHANNEL) as sub:
         # From an early position: a gap, then every message still kept.
-        messages, pages = page_since(sub, positions[0], 10)
+        messages, pages = page_since(sub, positions[0], 100)
         assert pages[0][2] is True
         assert all(gap is False for _, _, gap in pages[1:])
         assert messages == expected
         p = history(sub, since=positions[0], limit=10)
-        assert p["gap"] is True and p["messages"] == expected[:10]
+        assert p["gap"] is True and p["messages"] == expected[:10] and p["more"] is True
         # An early message id (no longer stored) is a gap as well.
         p = history(sub, since=all_ids[0], limit=10)
         assert p["gap"] is True and p["messages"] == expected[:10]
-        # A recent position is no gap.
-        p = history(sub, since=positions[590], limit=10)
+        # A recent position, or the last retained one's predecessor, is no gap.
+        p = history(sub, since=positions[-10], limit=50)
         assert (p["gap"], p["more"]) == (False, False)
-        assert ids(p["messages"]) == all_ids[591:]
-        assert [m["position"] for m in p["messages"]] == positions[591:]
+        assert ids(p["messages"]) == all_ids[-9:]
+        assert [m["position"] for m in p["messages"]] == positions[-9:]
+        p = history(sub, since=retained[0][0], limit=1)
+        assert p["gap"] is False and p["messages"] == expected[1:2]
 
 
 # ---- acknowledged publishing --------------------------------------------------------
@@ -646,21 +651,28 @@ def test_outage_buffer_bound_refuses_the_overflow(make_server, redis):
         assert server.metrics()["arqonbus_redis_refused_total"] == 1
 
 
+def publish_then_kill(server, redis, sub, pub):
+    """arq_h0..2 stored (delivered with positions), then Redis SIGKILLed and
+    arq_h3..4 published (delivered here without position, held). Returns the
+    five envelopes 'sub' received."""
+    publish_acked(pub, ["arq_h%d" % i for i in range(3)])
+    delivered = [sub.recv_until(is_event)[0] for _ in range(3)]
+    assert all("position" in e for e in delivered)
+    redis.kill()
+    wait_health(server, 503)
+    for i in range(3, 5):
+        pub.send(event("arq_h%d" % i, i, ack=True))
+        got = sub.recv_until(is_event)[0]
+        assert got["id"] == "arq_h%d" % i and "position" not in got
+        delivered.append(got)
+    return delivered
+
+
 def test_history_during_an_outage_comes_from_the_node(make_server, durable_redis):
     redis = durable_redis
     server = start(make_server, redis)
     with Bus(server.port, channel=CHANNEL) as sub, Bus(server.port) as pub:
-        publish_acked(pub, ["arq_h%d" % i for i in range(3)])
-        delivered = [sub.recv_until(is_event)[0] for _ in range(3)]
-        assert all("position" in e for e in delivered)
-        redis.kill()
-        wait_health(server, 503)
-        for i in range(3, 5):
-            pub.send(event("arq_h%d" % i, i, ack=True))
-            got = sub.recv_until(is_event)[0]
-            assert got["id"] == "arq_h%d" % i and "position" not in got
-            delivered.append(got)
-
+        delivered = publish_then_kill(server, redis, sub, pub)
         # Answered, not an error: what this node delivered, as delivered.
         p = history(sub)
         assert p["messages"] == delivered and p["more"] is False
@@ -668,14 +680,26 @@ def test_history_during_an_outage_comes_from_the_node(make_server, durable_redis
         assert p["messages"] == delivered[-2:] and p["more"] is True
         p = history(pub, since=delivered[0]["position"])
         assert p["messages"] == delivered[1:] and p["gap"] is False
-        # The last position a client saw: what came after it (held, not yet stored).
-        p = history(pub, since=delivered[2]["position"])
-        assert p["messages"] == delivered[3:] and p["gap"] is False
 
-        redis.restart()
+        redis.restart()  # the AOF brings arq_h0..2 back
         wait_health(server, 200)
         acks = [pub.recv_until(is_ack)[0] for _ in range(2)]
         assert [a["correlation_id"] for a in acks] == ["arq_h3", "arq_h4"]
-        p = history(sub)
-        assert ids(p["messages"]) == ["arq_h%d" % i for i in range(5)]
-        assert all("position" in m for m in p["messages"])
+        stored = [stored_as(e) for e in redis.entries(CHANNEL)]
+        assert ids(stored) == ["arq_h%d" % i for i in range(5)]
+        assert history(sub)["messages"] == stored
+        # The last position received before the messages without one: history
+        # since it returns them again, now with their positions.
+        p = history(sub, since=delivered[2]["position"])
+        assert p["messages"] == stored[3:] and p["gap"] is False
+        assert [m["position"] for m in p["messages"]] == [a["payload"]["position"] for a in acks]
+
+
+def test_since_the_last_position_during_an_outage_returns_the_held_messages(make_server, redis):
+    server = start(make_server, redis)
+    with Bus(server.port, channel=CHANNEL) as sub, Bus(server.port) as pub:
+        delivered = publish_then_kill(server, redis, sub, pub)
+        # A client that resumes during the outage from the last position it
+        # got (arq_h2's) missed arq_h3 and arq_h4, which came after it.
+        p = history(pub, since=delivered[2]["position"])
+        assert p["messages"] == delivered[3:] and p["gap"] is False
