@@ -89,6 +89,8 @@ struct arq_cluster {
   uint64_t snap_at;       /* when it was stored, monotonic ms (0: never) */
   bool peers_reading;
   bool leaving;           /* shutting down: presence withdrawn */
+  uint64_t started_ms;    /* wall clock at start: part of the snapshot's version */
+  json_t *peer_cache;     /* node -> {"v": version, "snap": snapshot} of the other live nodes */
   arq_cluster_stats_t st;
 };
 
@@ -570,43 +572,135 @@ void arq_cluster_cast(arq_cluster_t *cl, const arq_bus_cast_t *m) {
 }
 
 static void node_key(char *key, size_t cap, const char *node) { snprintf(key, cap, "arqon:node:%s", node); }
+static void version_key(char *key, size_t cap, const char *node) { snprintf(key, cap, "arqon:nodev:%s", node); }
 
-/* The nodes named in arqon:nodes, while their snapshots are read. */
+/* Reading the other nodes: SMEMBERS arqon:nodes, then MGET of their
+ * versions (short strings), then MGET of the snapshots that changed only,
+ * so that a quiet bus costs no parsing. */
 typedef struct peer_read {
   arq_cluster_t *cl;
   size_t n;
   char **names;
+  char **versions; /* of the snapshots asked for */
 } peer_read_t;
 
-static void on_peers(redisAsyncContext *ac, void *reply, void *privdata) {
+static void free_peer_read(peer_read_t *pr) {
+  for (size_t i = 0; i < pr->n; i++) {
+    arq_free(pr->names[i]);
+    if (pr->versions)
+      arq_free(pr->versions[i]);
+  }
+  arq_free(pr->names);
+  arq_free(pr->versions);
+  arq_free(pr);
+}
+
+/* Hands the bus every live peer's snapshot. */
+static void publish_peers(arq_cluster_t *cl) {
+  json_t *peers = json_array();
+  const char *name;
+  json_t *entry;
+  json_object_foreach(cl->peer_cache, name, entry) json_array_append(peers, json_object_get(entry, "snap"));
+  arq_bus_set_peers(cl->bus, peers);
+}
+
+/* MGET of 'n' keys made by 'mk' from 'names'. */
+static int mget(arq_cluster_t *cl, void (*mk)(char *, size_t, const char *), char **names, size_t n,
+                redisCallbackFn *fn, void *pd) {
+  const char **argv = arq_calloc(n + 1, sizeof *argv);
+  size_t *lens = arq_calloc(n + 1, sizeof *lens);
+  char (*keys)[KEY_MAX] = arq_calloc(n, sizeof *keys);
+  argv[0] = "MGET";
+  lens[0] = 4;
+  for (size_t i = 0; i < n; i++) {
+    mk(keys[i], KEY_MAX, names[i]);
+    argv[i + 1] = keys[i];
+    lens[i + 1] = strlen(keys[i]);
+  }
+  int rc = arq_redis_argv(cl->shards[0].cmd, fn, pd, (int)n + 1, argv, lens);
+  arq_free(argv);
+  arq_free(lens);
+  arq_free(keys);
+  return rc;
+}
+
+static void on_snapshots(redisAsyncContext *ac, void *reply, void *privdata) {
   peer_read_t *pr = privdata;
   arq_cluster_t *cl = pr->cl;
   redisReply *r = reply;
   if (!cl->closing) {
     cl->peers_reading = false;
     if (r && r->type == REDIS_REPLY_ARRAY && r->elements == pr->n) {
-      json_t *peers = json_array();
       for (size_t i = 0; i < r->elements; i++) {
         const redisReply *e = r->element[i];
-        if (e->type != REDIS_REPLY_STRING) {
-          /* Its snapshot expired: the node is gone (one that comes back adds
-           * itself again). */
-          arq_redis_command(cl->shards[0].cmd, NULL, NULL, "SREM %s %s", NODES_SET, pr->names[i]);
-          continue;
-        }
-        json_t *snap = json_loadb(e->str, e->len, 0, NULL);
-        const char *node = json_string_value(json_object_get(snap, "node"));
-        if (node && strcmp(node, cl->node_id) != 0)
-          json_array_append(peers, snap);
-        json_decref(snap);
+        json_t *snap = e->type == REDIS_REPLY_STRING ? json_loadb(e->str, e->len, 0, NULL) : NULL;
+        if (json_is_object(snap))
+          json_object_set_new(cl->peer_cache, pr->names[i], json_pack("{s:s, s:o}", "v", pr->versions[i], "snap", snap));
+        else
+          json_object_del(cl->peer_cache, pr->names[i]);
       }
-      arq_bus_set_peers(cl->bus, peers);
+      publish_peers(cl);
     }
   }
-  for (size_t i = 0; i < pr->n; i++)
-    arq_free(pr->names[i]);
-  arq_free(pr->names);
-  arq_free(pr);
+  free_peer_read(pr);
+}
+
+static void on_versions(redisAsyncContext *ac, void *reply, void *privdata) {
+  peer_read_t *pr = privdata;
+  arq_cluster_t *cl = pr->cl;
+  redisReply *r = reply;
+  if (cl->closing || !r || r->type != REDIS_REPLY_ARRAY || r->elements != pr->n) {
+    if (!cl->closing)
+      cl->peers_reading = false;
+    free_peer_read(pr);
+    return;
+  }
+  bool changed = false;
+  peer_read_t *want = arq_calloc(1, sizeof *want);
+  want->cl = cl;
+  want->names = arq_calloc(pr->n, sizeof *want->names);
+  want->versions = arq_calloc(pr->n, sizeof *want->versions);
+  /* Nodes that left the set meanwhile are gone too. */
+  const char *name;
+  json_t *entry;
+  void *tmp;
+  json_object_foreach_safe(cl->peer_cache, tmp, name, entry) {
+    bool listed = false;
+    for (size_t i = 0; i < pr->n && !listed; i++)
+      listed = strcmp(pr->names[i], name) == 0;
+    if (!listed) {
+      json_object_del(cl->peer_cache, name);
+      changed = true;
+    }
+  }
+  for (size_t i = 0; i < pr->n; i++) {
+    const redisReply *e = r->element[i];
+    if (strcmp(pr->names[i], cl->node_id) == 0)
+      continue;
+    if (e->type != REDIS_REPLY_STRING) {
+      /* Its presence expired: the node is gone (one that comes back adds
+       * itself again). */
+      arq_redis_command(cl->shards[0].cmd, NULL, NULL, "SREM %s %s", NODES_SET, pr->names[i]);
+      if (json_object_get(cl->peer_cache, pr->names[i])) {
+        json_object_del(cl->peer_cache, pr->names[i]);
+        changed = true;
+      }
+      continue;
+    }
+    const char *known = json_string_value(json_object_get(json_object_get(cl->peer_cache, pr->names[i]), "v"));
+    if (known && strcmp(known, e->str) == 0)
+      continue;
+    want->names[want->n] = arq_strdup(pr->names[i]);
+    want->versions[want->n] = arq_strdup(e->str);
+    want->n++;
+  }
+  free_peer_read(pr);
+  if (want->n > 0 && mget(cl, node_key, want->names, want->n, on_snapshots, want) == 0)
+    return; /* on_snapshots publishes */
+  cl->peers_reading = false;
+  free_peer_read(want);
+  if (changed)
+    publish_peers(cl);
 }
 
 static void on_members(redisAsyncContext *ac, void *reply, void *privdata) {
@@ -622,28 +716,12 @@ static void on_members(redisAsyncContext *ac, void *reply, void *privdata) {
   pr->cl = cl;
   pr->n = r->elements;
   pr->names = arq_calloc(pr->n, sizeof *pr->names);
-  const char **argv = arq_calloc(pr->n + 1, sizeof *argv);
-  size_t *lens = arq_calloc(pr->n + 1, sizeof *lens);
-  char (*keys)[KEY_MAX] = arq_calloc(pr->n, sizeof *keys);
-  argv[0] = "MGET";
-  lens[0] = 4;
-  for (size_t i = 0; i < pr->n; i++) {
-    const redisReply *e = r->element[i];
-    pr->names[i] = arq_strdup(e->type == REDIS_REPLY_STRING ? e->str : "");
-    node_key(keys[i], KEY_MAX, pr->names[i]);
-    argv[i + 1] = keys[i];
-    lens[i + 1] = strlen(keys[i]);
-  }
-  if (arq_redis_argv(cl->shards[0].cmd, on_peers, pr, (int)pr->n + 1, argv, lens) != 0) {
+  for (size_t i = 0; i < pr->n; i++)
+    pr->names[i] = arq_strdup(r->element[i]->type == REDIS_REPLY_STRING ? r->element[i]->str : "");
+  if (mget(cl, version_key, pr->names, pr->n, on_versions, pr) != 0) {
     cl->peers_reading = false;
-    for (size_t i = 0; i < pr->n; i++)
-      arq_free(pr->names[i]);
-    arq_free(pr->names);
-    arq_free(pr);
+    free_peer_read(pr);
   }
-  arq_free(argv);
-  arq_free(lens);
-  arq_free(keys);
 }
 
 /* Every second: store this node's snapshot when it changed (else only keep
@@ -652,25 +730,29 @@ static void presence(arq_cluster_t *cl, uint64_t now) {
   shard_t *sh = &cl->shards[0];
   if (!cl->bus || cl->leaving || !arq_redis_up(sh->cmd))
     return;
-  char key[KEY_MAX], ttl[24];
+  char key[KEY_MAX], vkey[KEY_MAX], ttl[24];
   node_key(key, sizeof key, cl->node_id);
+  version_key(vkey, sizeof vkey, cl->node_id);
   snprintf(ttl, sizeof ttl, "%llu", (unsigned long long)cl->o.node_ttl_ms);
   uint64_t v = arq_bus_snapshot_version(cl->bus);
   if (cl->snap_at == 0 || v != cl->snap_version) {
     json_t *snap = arq_bus_snapshot(cl->bus);
     char *text = json_dumps(snap, JSON_COMPACT);
     json_decref(snap);
-    if (arq_redis_command(sh->cmd, NULL, NULL, "SET %s %s PX %s", key, text, ttl) == 0) {
+    char version[64]; /* unique across this node's restarts too */
+    snprintf(version, sizeof version, "%llu-%llu", (unsigned long long)cl->started_ms, (unsigned long long)v);
+    if (arq_redis_command(sh->cmd, NULL, NULL, "SET %s %s PX %s", key, text, ttl) == 0 &&
+        arq_redis_command(sh->cmd, NULL, NULL, "SET %s %s PX %s", vkey, version, ttl) == 0) {
       cl->snap_version = v;
       cl->snap_at = now;
     }
     free(text);
   } else {
     arq_redis_command(sh->cmd, NULL, NULL, "PEXPIRE %s %s", key, ttl);
+    arq_redis_command(sh->cmd, NULL, NULL, "PEXPIRE %s %s", vkey, ttl);
   }
   arq_redis_command(sh->cmd, NULL, NULL, "SADD %s %s", NODES_SET, cl->node_id);
-  if (!cl->peers_reading &&
-      arq_redis_command(sh->cmd, on_members, cl, "SMEMBERS %s", NODES_SET) == 0)
+  if (!cl->peers_reading && arq_redis_command(sh->cmd, on_members, cl, "SMEMBERS %s", NODES_SET) == 0)
     cl->peers_reading = true;
 }
 
@@ -944,6 +1026,8 @@ arq_cluster_t *arq_cluster_new(uv_loop_t *loop, const arq_cluster_opts_t *o) {
   cl->o.urls = cl->urls;
   cl->o.node_id = cl->node_id;
   cl->cache = arq_history_mem_new(o->history_size);
+  cl->peer_cache = json_object();
+  cl->started_ms = arq_time_wall_ms();
   /* A blocked XREAD holds its connection's watchdog PING back, so it must
    * return well within the timeout. */
   cl->block_ms = o->timeout_ms / 4 ? o->timeout_ms / 4 : 1;
@@ -1037,7 +1121,9 @@ void arq_cluster_leave(arq_cluster_t *cl) {
   cl->leaving = true;
   char key[KEY_MAX];
   node_key(key, sizeof key, cl->node_id);
-  arq_redis_command(cl->shards[0].cmd, NULL, NULL, "DEL %s", key);
+  char vkey[KEY_MAX];
+  version_key(vkey, sizeof vkey, cl->node_id);
+  arq_redis_command(cl->shards[0].cmd, NULL, NULL, "DEL %s %s", key, vkey);
   arq_redis_command(cl->shards[0].cmd, NULL, NULL, "SREM %s %s", NODES_SET, cl->node_id);
 }
 
@@ -1074,6 +1160,7 @@ void arq_cluster_free(arq_cluster_t *cl) {
   }
   if (cl->cache)
     cl->cache->ops->free(cl->cache);
+  json_decref(cl->peer_cache);
   arq_free(cl->shards);
   arq_free(cl->urls);
   arq_free(cl->node_id);

@@ -436,7 +436,11 @@ void arq_redis_close(arq_redis_t *r) {
   if (!r || r->closing)
     return;
   r->closing = true;
-  r->up = false;
+  /* What is queued goes out first (a non-blocking write: whatever the
+   * socket takes now), e.g. a node's last words at shutdown. A failing write
+   * ends the connection there (the disconnect callback clears r->ac). */
+  if (r->ac && r->up)
+    redisAsyncHandleWrite(r->ac);
   if (r->ac) {
     redisAsyncContext *ac = r->ac;
     r->ac = NULL;
@@ -444,6 +448,7 @@ void arq_redis_close(arq_redis_t *r) {
     ac->data = NULL;
     redisAsyncFree(ac);
   }
+  r->up = false;
   if (r->resolving)
     uv_cancel((uv_req_t *)&r->gai);
   uv_close((uv_handle_t *)&r->timer, on_timer_closed);
