@@ -28,6 +28,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <yaml.h>
 
 #include "bus/names.h"
@@ -60,6 +61,8 @@ typedef enum {
   T_REDIS,    /* char *: comma-separated redis:// URLs, or empty */
   T_BOOL,     /* bool: true/false, yes/no, on/off, 1/0 */
   T_NODE,     /* char *: a node name (as a client id), or empty */
+  T_PATH,     /* char *: a readable file, or empty */
+  T_LIST,     /* char *: comma-separated items of printable ASCII (checked further by the setting's user), may be empty */
 } kind_t;
 
 typedef struct setting {
@@ -318,7 +321,20 @@ static void expected(const setting_t *s, char *buf, size_t cap) {
   case T_NODE:
     snprintf(buf, cap, "a name of 1-64 of A-Z a-z 0-9 _ - . @, or empty");
     break;
+  case T_PATH:
+    snprintf(buf, cap, "the path of a readable file, or empty");
+    break;
+  case T_LIST:
+    snprintf(buf, cap, "items of printable ASCII separated by commas, or empty");
+    break;
   }
+}
+
+static bool printable_ascii(const char *s) {
+  for (; *s; s++)
+    if (*s < 0x21 || *s > 0x7e)
+      return false;
+  return true;
 }
 
 /* Normalises the comma-separated list 'text' (spaces around items dropped)
@@ -339,12 +355,13 @@ static char *parse_list(const char *text, kind_t kind) {
     size_t len = (size_t)(end - start);
     char item[512], room[ARQ_NAME_MAX + 1], channel[ARQ_NAME_MAX + 1], why[160];
     arq_redis_url_t url;
-    bool ok = len > 0 && len < (kind == T_REDIS ? sizeof item : 2 * ARQ_NAME_MAX + 2);
+    bool ok = len > 0 && len < (kind == T_REDIS || kind == T_LIST ? sizeof item : 2 * ARQ_NAME_MAX + 2);
     if (ok) {
       memcpy(item, start, len);
       item[len] = '\0';
       ok = kind == T_IDS     ? arq_names_valid_client_id(item, len)
            : kind == T_REDIS ? arq_redis_parse_url(item, &url, why, sizeof why) == 0
+           : kind == T_LIST  ? printable_ascii(item)
                              : arq_names_split(item, room, channel) == 0 && channel[0] != '\0';
     }
     if (!ok) {
@@ -452,8 +469,9 @@ static int set_value(arq_config_t *c, const setting_t *s, const char *text, cons
     *(char **)field = list;
     return 0;
   }
-  case T_REDIS: {
-    char *list = parse_list(text, T_REDIS);
+  case T_REDIS:
+  case T_LIST: {
+    char *list = parse_list(text, s->kind);
     if (!list)
       goto invalid;
     arq_free(*(char **)field);
@@ -469,6 +487,14 @@ static int set_value(arq_config_t *c, const setting_t *s, const char *text, cons
       *(bool *)field = false;
     else
       goto invalid;
+    return 0;
+  case T_PATH:
+    if (text[0] && access(text, R_OK) != 0) {
+      snprintf(err, errcap, "config: cannot read '%s' for %s (%s): %s", text, s->key, origin, strerror(errno));
+      return ARQ_EINVAL;
+    }
+    arq_free(*(char **)field);
+    *(char **)field = arq_strdup(text);
     return 0;
   case T_NODE:
     if (text[0] && !arq_names_valid_client_id(text, strlen(text)))
@@ -504,23 +530,33 @@ void arq_config_defaults(arq_config_t *c) {
   }
 }
 
+/* Kinds whose field is a char * the configuration owns. */
+static bool owns_string(kind_t kind) {
+  switch (kind) {
+  case T_ADDR:
+  case T_CHANNELS:
+  case T_IDS:
+  case T_CHANNEL:
+  case T_REDIS:
+  case T_NODE:
+  case T_PATH:
+  case T_LIST:
+    return true;
+  default:
+    return false;
+  }
+}
+
 void arq_config_free(arq_config_t *c) {
-  arq_free(c->host);
-  c->host = NULL;
+  for (size_t i = 0; i < NSETTINGS; i++) {
+    if (owns_string(settings[i].kind)) {
+      char **field = (char **)((char *)c + settings[i].offset);
+      arq_free(*field);
+      *field = NULL;
+    }
+  }
   arq_free(c->config_file);
   c->config_file = NULL;
-  arq_free(c->bootstrap_channels);
-  c->bootstrap_channels = NULL;
-  arq_free(c->admins);
-  c->admins = NULL;
-  arq_free(c->telemetry_channel);
-  c->telemetry_channel = NULL;
-  arq_free(c->dashboard_channel);
-  c->dashboard_channel = NULL;
-  arq_free(c->redis_url);
-  c->redis_url = NULL;
-  arq_free(c->node_id);
-  c->node_id = NULL;
 }
 
 /* ---- the YAML file ------------------------------------------------------ */
@@ -623,7 +659,7 @@ static int read_pairs(arq_config_t *c, yaml_file_t *f, char *err, size_t errcap)
 
     if (next_event(f, err, errcap) != 0)
       return ARQ_EINVAL;
-    if (f->event.type == YAML_SEQUENCE_START_EVENT && (s->kind == T_CHANNELS || s->kind == T_IDS)) {
+    if (f->event.type == YAML_SEQUENCE_START_EVENT && (s->kind == T_CHANNELS || s->kind == T_IDS || s->kind == T_LIST)) {
       if (read_list(c, f, s, err, errcap) != 0)
         return ARQ_EINVAL;
       continue;
@@ -914,6 +950,10 @@ static const char *metavar(kind_t kind) {
     return "BOOL";
   case T_NODE:
     return "NAME";
+  case T_PATH:
+    return "FILE";
+  case T_LIST:
+    return "LIST";
   }
   return "VALUE";
 }
