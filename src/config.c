@@ -31,6 +31,7 @@
 #include <unistd.h>
 #include <yaml.h>
 
+#include "bus/bus.h"
 #include "bus/names.h"
 #include "obs/log.h"
 #include "store/redis_url.h"
@@ -63,6 +64,10 @@ typedef enum {
   T_NODE,     /* char *: a node name (as a client id), or empty */
   T_PATH,     /* char *: a readable file, or empty */
   T_LIST,     /* char *: comma-separated items of printable ASCII (checked further by the setting's user), may be empty */
+  T_TEXT,     /* char *: printable ASCII (spaces too), may be empty */
+  T_OPTADDR,  /* char *: an IPv4 or IPv6 address, or empty */
+  T_AUTH,     /* arq_auth_mode_t: none, api_key, jwt */
+  T_JWTALG,   /* arq_jwt_alg_t: HS256, RS256, ES256 */
 } kind_t;
 
 typedef struct setting {
@@ -83,11 +88,18 @@ typedef struct setting {
 #define U64(f) FIELD(f, uint64_t)
 #define FMT(f) FIELD(f, arq_logfmt_t)
 #define BOOL(f) FIELD(f, bool)
+#define AUTH(f) FIELD(f, arq_auth_mode_t)
+#define JWTALG(f) FIELD(f, arq_jwt_alg_t)
+
+static const char *const auth_modes[] = {"none", "api_key", "jwt", NULL};
+static const char *const jwt_algs[] = {"HS256", "RS256", "ES256", NULL};
 
 /* The order is the order of --help and of docs/configuration.md. */
 static const setting_t settings[] = {
     {"host", T_ADDR, STR(host), 0, 0, "127.0.0.1",
      "address the three listeners bind to (0.0.0.0 or :: for every interface)"},
+    {"http_host", T_OPTADDR, STR(http_host), 0, 0, "",
+     "address the ops port binds to (127.0.0.1 keeps it local); empty: the same as host"},
     {"port", T_PORT, INT(port), 1, 65535, "9100", "port of the WebSocket bus"},
     {"telemetry_port", T_PORT, INT(telemetry_port), 1, 65535, "9101", "port of the telemetry WebSocket server"},
     {"http_port", T_PORT, INT(http_port), 1, 65535, "9102", "port of the HTTP ops endpoints (/health, /version, /metrics)"},
@@ -127,7 +139,27 @@ static const setting_t settings[] = {
      "science:share",
      "room:channel names that always exist and cannot be deleted (comma-separated, or a YAML list)"},
     {"admins", T_IDS, STR(admins), 0, 0, "",
-     "client ids allowed to create and delete channels (comma-separated, or a YAML list); empty allows everyone"},
+     "with auth none: client ids that get the admin role (comma-separated, or a YAML list); empty gives it to everyone"},
+    {"auth", T_AUTH, AUTH(auth), 0, 0, "none",
+     "how clients authenticate: none (anyone may connect; a warning is logged), api_key or jwt (docs/security.md)"},
+    {"api_keys", T_LIST, STR(api_keys), 0, 0, "",
+     "API keys as SHA256HEX:client_id:roles[:client_type] (roles joined with +; comma-separated, or a YAML list)"},
+    {"api_keys_file", T_PATH, STR(api_keys_file), 0, 0, "",
+     "file of API keys, one SHA256HEX:client_id:roles[:client_type] per line (# starts a comment)"},
+    {"jwt_algorithm", T_JWTALG, JWTALG(jwt_algorithm), 0, 0, "HS256",
+     "the one algorithm tokens must be signed with: HS256 (a secret), RS256 or ES256 (a public key)"},
+    {"jwt_secret", T_TEXT, STR(jwt_secret), 0, 0, "", "HS256 secret, at least 32 bytes (jwt_key_file is safer: no secret in the environment)"},
+    {"jwt_key_file", T_PATH, STR(jwt_key_file), 0, 0, "",
+     "file holding the HS256 secret, or the PEM public key for RS256 and ES256"},
+    {"jwt_audience", T_TEXT, STR(jwt_audience), 0, 0, "", "required aud claim of tokens; empty checks none"},
+    {"jwt_issuer", T_TEXT, STR(jwt_issuer), 0, 0, "", "required iss claim of tokens; empty checks none"},
+    {"jwt_leeway", T_DURATION, U64(jwt_leeway_ms), 0, 10 * MIN, "30s", "clock skew allowed when checking exp, nbf and iat"},
+    {"command_roles", T_LIST, STR(command_roles), 0, 0, "create_channel=admin,delete_channel=admin",
+     "roles allowed to run a command, as command=role+role (comma-separated); commands not listed are open to every role"},
+    {"protected_rooms", T_LIST, STR(protected_rooms), 0, 0, "",
+     "rooms only some roles may join, publish to and read, as room=role+role (comma-separated); a token's rooms claim also opens a room"},
+    {"ops_token", T_TEXT, STR(ops_token), 0, 0, "",
+     "bearer token the ops endpoints require (Authorization: Bearer ...), except /health; empty requires none"},
     {"telemetry_channel", T_CHANNEL, STR(telemetry_channel), 0, 0, "integriguard:telemetry-stream",
      "room:channel where telemetry envelopes from clients are published; empty publishes them on the telemetry port only"},
     {"dashboard_channel", T_CHANNEL, STR(dashboard_channel), 0, 0, "integriguard:dashboard-events",
@@ -327,6 +359,18 @@ static void expected(const setting_t *s, char *buf, size_t cap) {
   case T_LIST:
     snprintf(buf, cap, "items of printable ASCII separated by commas, or empty");
     break;
+  case T_TEXT:
+    snprintf(buf, cap, "printable ASCII text, or empty");
+    break;
+  case T_OPTADDR:
+    snprintf(buf, cap, "an IPv4 or IPv6 address, or empty");
+    break;
+  case T_AUTH:
+    snprintf(buf, cap, "none, api_key or jwt");
+    break;
+  case T_JWTALG:
+    snprintf(buf, cap, "HS256, RS256 or ES256");
+    break;
   }
 }
 
@@ -432,7 +476,8 @@ static int set_value(arq_config_t *c, const setting_t *s, const char *text, cons
   int level;
   switch (s->kind) {
   case T_ADDR:
-    if (!is_address(text))
+  case T_OPTADDR:
+    if (!is_address(text) && !(s->kind == T_OPTADDR && !text[0]))
       goto invalid;
     arq_free(*(char **)field);
     *(char **)field = arq_strdup(text);
@@ -488,6 +533,24 @@ static int set_value(arq_config_t *c, const setting_t *s, const char *text, cons
     else
       goto invalid;
     return 0;
+  case T_TEXT:
+    for (const char *t = text; *t; t++)
+      if (*t < 0x20 || *t > 0x7e)
+        goto invalid;
+    arq_free(*(char **)field);
+    *(char **)field = arq_strdup(text);
+    return 0;
+  case T_AUTH:
+  case T_JWTALG: {
+    const char *const *names = s->kind == T_AUTH ? auth_modes : jwt_algs;
+    int i = 0;
+    while (names[i] && strcasecmp(names[i], text) != 0)
+      i++;
+    if (!names[i])
+      goto invalid;
+    *(int *)field = i;
+    return 0;
+  }
   case T_PATH:
     if (text[0] && access(text, R_OK) != 0) {
       snprintf(err, errcap, "config: cannot read '%s' for %s (%s): %s", text, s->key, origin, strerror(errno));
@@ -541,6 +604,8 @@ static bool owns_string(kind_t kind) {
   case T_NODE:
   case T_PATH:
   case T_LIST:
+  case T_TEXT:
+  case T_OPTADDR:
     return true;
   default:
     return false;
@@ -850,7 +915,113 @@ static int apply_env(arq_config_t *c, char **envp, char *err, size_t errcap) {
 }
 
 /* The checks no single value can make. */
+/* Reads the whole file 'path' (at most 1 MiB) into a new NUL-terminated
+ * buffer (caller owns), its length in '*len'. NULL with a message on failure. */
+static char *read_small_file(const char *key, const char *path, size_t *len, char *err, size_t errcap) {
+  FILE *f = fopen(path, "rb");
+  if (!f) {
+    snprintf(err, errcap, "config: cannot read %s '%s': %s", key, path, strerror(errno));
+    return NULL;
+  }
+  size_t cap = 1 << 20;
+  char *buf = arq_malloc(cap + 1);
+  size_t n = fread(buf, 1, cap + 1, f);
+  bool failed = ferror(f) != 0;
+  fclose(f);
+  if (failed || n > cap) {
+    snprintf(err, errcap, "config: cannot read %s '%s': %s", key, path, failed ? "read error" : "over 1 MiB");
+    arq_free(buf);
+    return NULL;
+  }
+  buf[n] = '\0';
+  *len = n;
+  return buf;
+}
+
+int arq_config_auth(const arq_config_t *c, arq_auth_t **out, char *err, size_t errcap) {
+  *out = NULL;
+  if (c->auth == ARQ_AUTH_NONE)
+    return 0;
+  arq_auth_opts_t o = {.mode = c->auth, .jwt_alg = c->jwt_algorithm, .jwt_audience = c->jwt_audience,
+                       .jwt_issuer = c->jwt_issuer, .leeway_ms = c->jwt_leeway_ms};
+  char *file = NULL, *keys = NULL;
+  size_t flen = 0;
+  int rc = ARQ_EINVAL;
+  if (c->auth == ARQ_AUTH_API_KEY) {
+    if (c->api_keys_file[0] && !(file = read_small_file("api_keys_file", c->api_keys_file, &flen, err, errcap)))
+      goto done;
+    keys = arq_malloc(strlen(c->api_keys) + flen + 2);
+    sprintf(keys, "%s\n%s", c->api_keys, file ? file : "");
+    o.api_keys = keys;
+  } else {
+    if (c->jwt_secret[0] && c->jwt_key_file[0]) {
+      snprintf(err, errcap, "config: jwt_secret and jwt_key_file are both set; set one");
+      goto done;
+    }
+    if (c->jwt_algorithm != ARQ_JWT_HS256 && c->jwt_secret[0]) {
+      snprintf(err, errcap, "config: jwt_secret is for HS256; %s needs jwt_key_file (a PEM public key)",
+               c->jwt_algorithm == ARQ_JWT_RS256 ? "RS256" : "ES256");
+      goto done;
+    }
+    if (c->jwt_key_file[0]) {
+      if (!(file = read_small_file("jwt_key_file", c->jwt_key_file, &flen, err, errcap)))
+        goto done;
+      if (c->jwt_algorithm == ARQ_JWT_HS256) /* a secret in a file usually ends with a newline */
+        while (flen > 0 && (file[flen - 1] == '\n' || file[flen - 1] == '\r'))
+          file[--flen] = '\0';
+      o.jwt_key = (const unsigned char *)file;
+      o.jwt_key_len = flen;
+    } else {
+      o.jwt_key = (const unsigned char *)c->jwt_secret;
+      o.jwt_key_len = strlen(c->jwt_secret);
+    }
+  }
+  char why[240];
+  *out = arq_auth_new(&o, why, sizeof why);
+  if (!*out) {
+    snprintf(err, errcap, "config: auth %s: %s", auth_modes[c->auth], why);
+    goto done;
+  }
+  rc = 0;
+done:
+  if (file) {
+    memset(file, 0, flen);
+    arq_free(file);
+  }
+  arq_free(keys);
+  return rc;
+}
+
+/* Checks the entries "name=role+role" of the list setting 'key' ('list');
+ * 'valid' says whether a name is acceptable. */
+static int check_role_entries(const char *key, const char *list, arq_role_entry_fn valid, char *err,
+                              size_t errcap) {
+  char bad[96];
+  if (arq_role_entries(list, valid, NULL, bad, sizeof bad) == 0)
+    return 0;
+  snprintf(err, errcap, "config: %s entry '%s' must be NAME=role[+role...] with roles admin, user, guest", key, bad);
+  return ARQ_EINVAL;
+}
+
+static int valid_room(const char *name, unsigned roles, void *ud) {
+  return arq_names_valid_channel(name, strlen(name)) ? 0 : ARQ_EINVAL;
+}
+
+static int valid_command(const char *name, unsigned roles, void *ud) {
+  for (size_t i = 0; arq_bus_command_name(i); i++)
+    if (strcmp(arq_bus_command_name(i), name) == 0)
+      return 0;
+  return ARQ_ENOTFOUND;
+}
+
 static int check_combination(const arq_config_t *c, char *err, size_t errcap) {
+  if (check_role_entries("protected_rooms", c->protected_rooms, valid_room, err, errcap) != 0 ||
+      check_role_entries("command_roles", c->command_roles, valid_command, err, errcap) != 0)
+    return ARQ_EINVAL;
+  arq_auth_t *auth = NULL;
+  if (arq_config_auth(c, &auth, err, errcap) != 0)
+    return ARQ_EINVAL;
+  arq_auth_free(auth);
   const struct {
     const char *key;
     int port;
@@ -954,6 +1125,14 @@ static const char *metavar(kind_t kind) {
     return "FILE";
   case T_LIST:
     return "LIST";
+  case T_TEXT:
+    return "TEXT";
+  case T_OPTADDR:
+    return "ADDR";
+  case T_AUTH:
+    return "MODE";
+  case T_JWTALG:
+    return "ALG";
   }
   return "VALUE";
 }

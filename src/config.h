@@ -18,10 +18,13 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "auth/auth.h"
+
 typedef enum { ARQ_LOGFMT_LOGFMT = 0, ARQ_LOGFMT_JSON = 1 } arq_logfmt_t;
 
 typedef struct arq_config {
   char *host;                    /* address all listeners bind to */
+  char *http_host;               /* address of the ops listener, "" for host */
   int port;                      /* WebSocket bus */
   int telemetry_port;            /* telemetry WebSocket server */
   int http_port;                 /* HTTP ops server */
@@ -44,6 +47,18 @@ typedef struct arq_config {
   uint64_t channel_ttl_ms;       /* how long an empty channel lives */
   char *bootstrap_channels;      /* comma-separated room:channel names */
   char *admins;                  /* comma-separated client ids, "" for none */
+  arq_auth_mode_t auth;          /* how clients authenticate */
+  char *api_keys;                /* comma-separated key entries (auth/auth.h) */
+  char *api_keys_file;           /* file of key entries, "" for none */
+  arq_jwt_alg_t jwt_algorithm;
+  char *jwt_secret;              /* HS256 secret, "" for none */
+  char *jwt_key_file;            /* HS256 secret or PEM public key, "" for none */
+  char *jwt_audience;            /* "" checks no aud */
+  char *jwt_issuer;              /* "" checks no iss */
+  uint64_t jwt_leeway_ms;
+  char *command_roles;           /* comma-separated command=role+role */
+  char *protected_rooms;         /* comma-separated room=role+role */
+  char *ops_token;               /* "" requires none */
   char *telemetry_channel;       /* room:channel of client telemetry, "" for none */
   char *dashboard_channel;       /* room:channel of agent_activity, "" for none */
   uint64_t telemetry_stats_interval_ms; /* stats snapshots to telemetry clients, 0 off */
@@ -75,6 +90,11 @@ typedef enum { ARQ_CONFIG_RUN = 0, ARQ_CONFIG_HELP, ARQ_CONFIG_VERSION } arq_con
  * problem into 'err' ('errcap' bytes). */
 int arq_config_load(arq_config_t *c, int argc, char **argv, char **envp, arq_config_action_t *action, char *err,
                     size_t errcap);
+
+/* Builds the verifier of credentials 'c' configures (reading api_keys_file
+ * or jwt_key_file) into '*out' (caller owns; NULL with auth none). Returns 0,
+ * or ARQ_EINVAL with one line in 'err'. */
+int arq_config_auth(const arq_config_t *c, arq_auth_t **out, char *err, size_t errcap);
 
 /* Writes the --help text (every flag, its variable and default) to 'out'. */
 void arq_config_usage(FILE *out);

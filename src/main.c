@@ -68,6 +68,7 @@ int main(int argc, char **argv) {
           ARQ_LI("port", cfg.port), ARQ_LI("telemetry_port", cfg.telemetry_port),
           ARQ_LI("http_port", cfg.http_port), ARQ_LS("storage", cfg.redis_url[0] ? "redis" : "memory"),
           ARQ_LS("node", srv->cluster ? arq_cluster_node_id(srv->cluster) : ""));
+  arq_server_log_security(srv);
   printf("ArqonBus %s is running (%s).\n"
          "  WebSocket bus   ws://%s:%d\n"
          "  Telemetry       ws://%s:%d\n"

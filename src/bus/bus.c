@@ -50,6 +50,7 @@ void arq_bus_opts_defaults(arq_bus_opts_t *o) {
   o->channel_ttl_ms = 300000;
   o->telemetry_channel = "integriguard:telemetry-stream";
   o->dashboard_channel = "integriguard:dashboard-events";
+  o->command_roles = "create_channel=admin,delete_channel=admin";
 }
 
 static char **copy_list(const char *const *l) {
@@ -90,6 +91,9 @@ arq_bus_t *arq_bus_new(const arq_bus_opts_t *o, const arq_bus_io_t *io, arq_hist
       goto fail;
     }
   }
+  if (arq_access_init(b, o, err, errcap) != 0)
+    goto fail;
+  b->o.command_roles = b->o.protected_rooms = NULL; /* parsed: not kept */
   for (size_t i = 0; b->bootstrap[i]; i++) {
     char r[ARQ_NAME_MAX + 1], c[ARQ_NAME_MAX + 1];
     bool created;
@@ -129,6 +133,7 @@ void arq_bus_client_unref(arq_client_t *c) {
   arq_free(c->screen_name);
   arq_free(c->avatar);
   arq_free(c->personality);
+  arq_free(c->rooms);
   arq_free(c->subs);
   arq_free(c);
 }
@@ -149,6 +154,7 @@ void arq_bus_free(arq_bus_t *b) {
   if (b->history)
     b->history->ops->free(b->history);
   arq_peers_free(b);
+  arq_access_free(b);
   free_list(b->bootstrap);
   free_list(b->admins);
   arq_free((char *)b->o.server_version);
@@ -431,15 +437,6 @@ const char *arq_client_id(const arq_client_t *c) { return c->id; }
 
 arq_history_t *arq_bus_history_backend(const arq_bus_t *b) { return b->history; }
 
-bool arq_bus_is_admin(const arq_bus_t *b, const arq_client_t *c) {
-  if (!b->admins[0])
-    return true;
-  for (size_t i = 0; b->admins[i]; i++)
-    if (strcmp(b->admins[i], c->id) == 0)
-      return true;
-  return false;
-}
-
 static void set_opt_str(json_t *o, const char *k, const char *v) {
   if (v)
     json_object_set_new(o, k, json_string(v));
@@ -498,6 +495,12 @@ static void send_welcome(arq_bus_t *b, arq_client_t *c) {
   for (size_t i = 0; i < c->nsubs; i++)
     json_array_append_new(subs, json_string(c->subs[i]->channel->key));
   json_object_set_new(payload, "subscriptions", subs);
+  json_object_set_new(payload, "roles", arq_access_roles_json(c->roles));
+  if (c->expires_ms) {
+    char ts[32];
+    arq_time_iso8601(c->expires_ms, ts, sizeof ts);
+    json_object_set_new(payload, "expires_at", json_string(ts));
+  }
   arq_bus_send_to(b, c, server_envelope(b, ARQ_MSG_SYSTEM, NULL, NULL, NULL, payload, NULL), ARQ_MSG_SYSTEM);
 }
 
@@ -535,6 +538,9 @@ arq_client_t *arq_bus_connect(arq_bus_t *b, void *conn, const arq_client_params_
   } else {
     generate_client_id(b, c->id);
   }
+  c->roles = p->roles ? p->roles : arq_access_default_roles(b, c->id);
+  c->rooms = p->rooms ? arq_strdup(p->rooms) : NULL;
+  c->expires_ms = p->expires_ms;
   HASH_ADD_STR(b->clients, id, c);
   b->nclients++;
   b->version++;
@@ -548,7 +554,12 @@ arq_client_t *arq_bus_connect(arq_bus_t *b, void *conn, const arq_client_params_
     arq_bus_tel(b, ARQ_TEL_CLIENT_CONNECTED, t);
   }
   arq_bus_agent_activity(b, c, "connected", NULL);
-  if (p->room[0]) {
+  if (p->room[0] && !arq_bus_may_use_room(b, c->roles, c->rooms, p->room)) {
+    send_welcome(b, c);
+    arq_access_deny(b, c, NULL, NULL, ARQ_DENY_ROOM,
+                    "room \"%s\" is not open to this client: the initial channel %s:%s was not joined", p->room,
+                    p->room, p->channel);
+  } else if (p->room[0]) {
     snprintf(c->init_room, sizeof c->init_room, "%s", p->room);
     snprintf(c->init_channel, sizeof c->init_channel, "%s", p->channel);
     bool created;
@@ -739,6 +750,8 @@ static void route_event(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
     strcpy(e->room, c->init_room);
     strcpy(e->channel, c->init_channel);
   }
+  if (!arq_access_room(b, c, e->id, NULL, e->room))
+    return;
   char id[130];
   json_t *obj = outgoing(b, c, e, id);
   if (e->channel[0]) {
@@ -864,6 +877,13 @@ void arq_bus_receive_at(arq_bus_t *b, arq_client_t *c, const char *data, size_t 
     e.id = assigned;
   }
   b->st.received[e.type]++;
+  if (c->roles == ARQ_ROLE_GUEST &&
+      (e.type == ARQ_MSG_EVENT || e.type == ARQ_MSG_PRIVATE || e.type == ARQ_MSG_TELEMETRY)) {
+    arq_access_deny(b, c, e.id, NULL, ARQ_DENY_PUBLISH, "guests may not send %s envelopes",
+                    arq_msg_type_name(e.type));
+    arq_env_free(&e);
+    goto out;
+  }
   switch (e.type) {
   case ARQ_MSG_EVENT:
     route_event(b, c, &e);
@@ -895,10 +915,25 @@ out:
   leave(b);
 }
 
+/* Closes the connections whose credential has expired (4002). */
+static void close_expired(arq_bus_t *b) {
+  uint64_t now = arq_time_wall_ms();
+  arq_client_t *c, *tmp;
+  HASH_ITER(hh, b->clients, c, tmp) {
+    if (!c->expires_ms || now < c->expires_ms || c->gone)
+      continue;
+    void *conn = c->conn;
+    b->st.expired_closes++;
+    arq_bus_disconnect(b, c);
+    b->io.close(b->io.ud, conn, ARQ_CLOSE_TOKEN_EXPIRED, "token expired");
+  }
+}
+
 void arq_bus_tick(arq_bus_t *b, uint64_t now_ms) {
   enter(b);
   b->now_mono = now_ms;
   arq_router_sweep(b, now_ms);
+  close_expired(b);
   leave(b);
 }
 

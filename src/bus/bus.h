@@ -19,6 +19,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "auth/auth.h"
 #include "bus/envelope.h"
 #include "bus/history.h"
 #include "util/hist.h"
@@ -46,6 +47,23 @@ typedef enum {
   ARQ_TEL_AGENT_ACTIVITY,
   ARQ_TEL_NEVENTS
 } arq_tel_event_t;
+
+/* WebSocket close code of a connection whose credential expired without a
+ * refresh (the 'authenticate' command). */
+#define ARQ_CLOSE_TOKEN_EXPIRED 4002
+
+/* What a client was refused (forbidden errors, counted by action). */
+typedef enum {
+  ARQ_DENY_COMMAND = 0, /* its roles may not run the command */
+  ARQ_DENY_ROOM,        /* the room is protected, or outside its token's rooms */
+  ARQ_DENY_PUBLISH,     /* guests may not publish */
+  ARQ_DENY_AUTHENTICATE,/* an in-band credential for another client id */
+  ARQ_DENY_CONNECT,     /* counted by the shell: an upgrade refused with 403 */
+  ARQ_DENY_NACTIONS
+} arq_deny_t;
+
+/* Returns the metric label of 'a' ("command", "room", ...). */
+const char *arq_deny_name(arq_deny_t a);
 
 /* Returns the wire name of 'ev' ("client_connected", ...). */
 const char *arq_tel_name(arq_tel_event_t ev);
@@ -117,6 +135,9 @@ typedef struct arq_bus_io {
   void (*interest)(void *ud, const char *room, const char *channel, bool on);
   /* Cluster mode: tells the other nodes 'm' (borrowed). May be NULL. */
   void (*cast)(void *ud, const arq_bus_cast_t *m);
+  /* Reports that client 'client_id' (from 'remote') was refused 'action'
+   * (arq_deny_name) because of 'why', for the log. May be NULL. */
+  void (*denied)(void *ud, const char *client_id, const char *remote, const char *action, const char *why);
   void *ud;
 } arq_bus_io_t;
 
@@ -136,6 +157,9 @@ typedef struct arq_bus_opts {
   const char *dashboard_channel;   /* "room:channel" of agent_activity events */
   uint64_t seed;                   /* makes generated ids unique to this process */
   const char *node_id;             /* cluster mode: this node's name; NULL or "" in memory mode */
+  const char *command_roles;       /* "command=role+role,..." (access.c); NULL: every command open to all */
+  const char *protected_rooms;     /* "room=role+role,..."; NULL: none */
+  const arq_auth_t *auth;          /* checks in-band credentials (borrowed); NULL: authentication is off */
 } arq_bus_opts_t;
 
 /* Fills 'o' with the documented defaults (no bootstrap channels, no admins). */
@@ -161,7 +185,14 @@ typedef struct arq_client_params {
   char room[ARQ_NAME_MAX + 1];       /* initial channel, "" when not given */
   char channel[ARQ_NAME_MAX + 1];
   bool echo;                         /* deliver the client's own events back to it */
+  /* From the credential the shell checked (auth/auth.h), none without one: */
+  unsigned roles;                    /* ARQ_ROLE_* bits; 0: the bus's default (admins) */
+  const char *rooms;                 /* rooms the client is limited to (borrowed, copied); NULL: any */
+  uint64_t expires_ms;               /* wall ms when the credential expires; 0: never */
 } arq_client_params_t;
+
+/* Returns the client type named 'name' ("ai-agent"), human when unknown. */
+arq_client_type_t arq_client_type_parse(const char *name);
 
 /* Parses the upgrade's query string ('n' bytes at 'q', without '?'; may be
  * empty) into 'p'. Unknown parameters are ignored. Returns 0, or ARQ_EINVAL
@@ -258,7 +289,13 @@ typedef struct arq_bus_stats {
   uint64_t history_messages;
   arq_hist_t routing;                 /* arrival to the last recipient's queue */
   arq_hist_t commands[16];            /* duration, by command (arq_bus_command_name) */
+  uint64_t forbidden[ARQ_DENY_NACTIONS]; /* forbidden errors, by action */
+  uint64_t expired_closes;            /* connections closed when their credential expired */
 } arq_bus_stats_t;
+
+/* True when a client with 'roles' and token rooms 'rooms' (NULL: no limit)
+ * may join, publish to and read room 'room' (access.c). */
+bool arq_bus_may_use_room(const arq_bus_t *b, unsigned roles, const char *rooms, const char *room);
 
 /* Returns the name of command 'i', or NULL past the last one. */
 const char *arq_bus_command_name(size_t i);

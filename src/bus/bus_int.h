@@ -56,6 +56,9 @@ struct arq_client {
   uint64_t msgs_in, msgs_out;
   uint64_t mark;         /* last routing round that reached this client */
   char init_room[ARQ_NAME_MAX + 1], init_channel[ARQ_NAME_MAX + 1];
+  unsigned roles;        /* ARQ_ROLE_* */
+  char *rooms;           /* rooms its credential limits it to, comma-separated; NULL: any */
+  uint64_t expires_ms;   /* wall ms when its credential expires; 0: never */
   arq_sub_t **subs;
   size_t nsubs, subcap;
   arq_list_t node_dead;
@@ -71,6 +74,12 @@ typedef struct arq_peer_chan {
   json_t *info;        /* the channel object of the first snapshot naming it, or NULL */
   UT_hash_handle hh;
 } arq_peer_chan_t;
+
+/* A room of protected_rooms and the roles that may use it. */
+typedef struct arq_protected {
+  char room[ARQ_NAME_MAX + 1];
+  unsigned roles;
+} arq_protected_t;
 
 typedef struct arq_peer_client {
   char id[ARQ_NAME_MAX + 1];
@@ -105,6 +114,10 @@ struct arq_bus {
   arq_peer_client_t *peer_clients;
   uint64_t version;               /* of this node's snapshot */
   bool casting;                   /* handling another node's cast: do not cast back */
+  unsigned cmd_roles[16];         /* roles allowed to run command i */
+  arq_protected_t *protected_rooms;
+  size_t nprotected;
+  uint64_t next_expiry_check;     /* wall ms */
 };
 
 /* ---- router.c: rooms, channels, memberships ----------------------------- */
@@ -158,8 +171,6 @@ void arq_bus_error(arq_bus_t *b, arq_client_t *c, const char *correlation_id, co
 json_t *arq_bus_member_fields(const arq_bus_t *b, const arq_client_t *c, const arq_channel_t *ch);
 /* Returns the JSON description of a client for replies and status. */
 json_t *arq_bus_client_json(const arq_client_t *c, bool with_subs);
-/* True when 'c' may run privileged commands. */
-bool arq_bus_is_admin(const arq_bus_t *b, const arq_client_t *c);
 const char *arq_client_type_name(arq_client_type_t t);
 
 /* True when someone listens to telemetry of kind 'ev'. */
@@ -196,6 +207,26 @@ void arq_peers_free(arq_bus_t *b);
 void arq_bus_replaced(arq_bus_t *b, arq_client_t *c);
 /* Delivers 'f' to the members of every channel of room 'r', once each, except 'skip'. */
 void arq_bus_deliver_room(arq_bus_t *b, arq_room_t *r, const arq_client_t *skip, arq_rcbuf_t *f, arq_msg_type_t type);
+
+/* ---- access.c: authorization ------------------------------------------------ */
+
+/* Reads o->command_roles and o->protected_rooms. Returns 0, or ARQ_EINVAL
+ * with a message in 'err'. */
+int arq_access_init(arq_bus_t *b, const arq_bus_opts_t *o, char *err, size_t errcap);
+void arq_access_free(arq_bus_t *b);
+/* Roles of a client that presented no credential: admin (and user) when
+ * 'admins' is empty or lists 'client_id', else user. */
+unsigned arq_access_default_roles(const arq_bus_t *b, const char *client_id);
+/* The names of 'roles' as a JSON array (caller owns). */
+json_t *arq_access_roles_json(unsigned roles);
+/* Roles allowed to run command 'cmd' (its index). */
+unsigned arq_access_command_roles(const arq_bus_t *b, size_t cmd);
+/* Sends 'c' a forbidden error for 'action' (counted, reported to io.denied). */
+void arq_access_deny(arq_bus_t *b, arq_client_t *c, const char *correlation_id, const char *command,
+                     arq_deny_t action, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+/* True when 'c' may use 'room'; otherwise denies (forbidden) and returns false. */
+bool arq_access_room(arq_bus_t *b, arq_client_t *c, const char *correlation_id, const char *command,
+                     const char *room);
 
 /* ---- commands.c --------------------------------------------------------- */
 

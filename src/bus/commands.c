@@ -1,7 +1,9 @@
 /* The built-in commands.
  *
- * Each command is a row of 'commands': its name, whether it is privileged,
- * its help text and its handler. A handler reads its arguments from the
+ * Each command is a row of 'commands': its name, its handler, whether it may
+ * name any room (else the room must be open to the client, access.c), its
+ * help text. Which roles may run it is configuration (command_roles).
+ * A handler A handler reads its arguments from the
  * envelope (room and channel, at the top level or in the payload, in either
  * the split or the "room:channel" form) and its payload, and answers with
  * exactly one reply or one error, both carrying the request's id as
@@ -21,7 +23,7 @@ typedef void (*handler_t)(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, con
 struct cmd {
   const char *name;
   handler_t run;
-  bool privileged;
+  bool any_room;
   const char *args;
   const char *help;
 };
@@ -54,7 +56,7 @@ static bool target(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_
                   "%s needs \"room\" and \"channel\" (or \"channel\": \"room:channel\")", cmd->name);
     return false;
   }
-  return true;
+  return !t->room[0] || cmd->any_room || arq_access_room(b, c, e->id, cmd->name, t->room);
 }
 
 static json_t *where(const target_t *t) { return json_pack("{s:s, s:s}", "room", t->room, "channel", t->channel); }
@@ -185,6 +187,22 @@ static void cmd_join(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cm
   arq_bus_reply(b, c, e, cmd->name, r);
 }
 
+/* Takes 'c' out of 'ch', telling the other members why ('reason'). Returns
+ * how many members remain on every node. 'ch' may be gone afterwards. */
+static size_t leave_channel(arq_bus_t *b, arq_client_t *c, arq_channel_t *ch, const char *reason) {
+  /* The others hear of it first: leaving may remove the channel here while
+   * members on other nodes remain. */
+  size_t left = arq_bus_members_total(b, ch) - 1;
+  if (left > 0) {
+    json_t *fields = arq_bus_member_fields(b, c, ch);
+    json_object_set_new(fields, "members", json_integer((json_int_t)left));
+    json_object_set_new(fields, "reason", json_string(reason));
+    arq_bus_notify(b, ch, c, "client_left", fields);
+  }
+  arq_router_leave(b, c, ch);
+  return left;
+}
+
 static void cmd_leave(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
   target_t t;
   arq_channel_t *ch = named_channel(b, c, e, cmd, &t);
@@ -195,16 +213,7 @@ static void cmd_leave(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const c
                   t.channel);
     return;
   }
-  /* The others hear of it first: leaving may remove the channel here while
-   * members on other nodes remain. */
-  size_t left = arq_bus_members_total(b, ch) - 1;
-  if (left > 0) {
-    json_t *fields = arq_bus_member_fields(b, c, ch);
-    json_object_set_new(fields, "members", json_integer((json_int_t)left));
-    json_object_set_new(fields, "reason", json_string("left"));
-    arq_bus_notify(b, ch, c, "client_left", fields);
-  }
-  arq_router_leave(b, c, ch); /* may remove the channel: 'ch' is not used after */
+  size_t left = leave_channel(b, c, ch, "left"); /* may remove the channel: 'ch' is not used after */
   json_t *r = where(&t);
   json_object_set_new(r, "left", json_true());
   json_object_set_new(r, "members", json_integer((json_int_t)left));
@@ -230,13 +239,16 @@ static void cmd_list(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cm
   size_t n = HASH_COUNT(b->channels) + HASH_COUNT(b->peer_chans), k = 0;
   listed_t *all = arq_calloc(n ? n : 1, sizeof *all);
   arq_channel_t *ch, *tmp;
+  /* Channels of rooms this client may not use are not listed. */
   HASH_ITER(hh, b->channels, ch, tmp) {
-    if (!t.room[0] || strcmp(ch->room->name, t.room) == 0)
+    if ((!t.room[0] || strcmp(ch->room->name, t.room) == 0) &&
+        arq_bus_may_use_room(b, c->roles, c->rooms, ch->room->name))
       all[k++] = (listed_t){.key = ch->key, .ch = ch};
   }
   const arq_peer_chan_t *pc, *ptmp;
   HASH_ITER(hh, b->peer_chans, pc, ptmp) {
-    if ((!t.room[0] || strcmp(pc->room, t.room) == 0) && !arq_router_find(b, pc->room, pc->channel))
+    if ((!t.room[0] || strcmp(pc->room, t.room) == 0) && !arq_router_find(b, pc->room, pc->channel) &&
+        arq_bus_may_use_room(b, c->roles, c->rooms, pc->room))
       all[k++] = (listed_t){.key = pc->key, .pc = pc};
   }
   qsort(all, k, sizeof *all, by_listed_key);
@@ -378,22 +390,73 @@ static void cmd_history(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const
   b->history->ops->query(b->history, &q, history_done, call);
 }
 
+/* A fresh credential for this connection: the same client id, maybe other
+ * roles, rooms and expiry. Channels it no longer opens are left. */
+static void cmd_authenticate(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
+  json_t *tok = e->payload ? json_object_get(e->payload, "token") : NULL;
+  if (!b->o.auth || arq_auth_mode(b->o.auth) == ARQ_AUTH_NONE) {
+    arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_INVALID_ARGUMENT, NULL, "authentication is off on this server");
+    return;
+  }
+  if (!json_is_string(tok)) {
+    arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_INVALID_ARGUMENT, NULL,
+                  "authenticate needs \"token\": the new API key or token");
+    return;
+  }
+  arq_identity_t id;
+  char why[200];
+  if (arq_auth_verify(b->o.auth, json_string_value(tok), json_string_length(tok), arq_time_wall_ms(), &id, why,
+                      sizeof why) != 0) {
+    arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_UNAUTHORIZED, NULL, "%s; the current credential still holds",
+                  why);
+    return;
+  }
+  if (strcmp(id.client_id, c->id) != 0) {
+    arq_access_deny(b, c, e->id, cmd->name, ARQ_DENY_AUTHENTICATE,
+                    "the credential is for client \"%s\", not for this connection's \"%s\"", id.client_id, c->id);
+    arq_identity_clear(&id);
+    return;
+  }
+  c->roles = id.roles;
+  arq_free(c->rooms);
+  c->rooms = id.rooms;
+  id.rooms = NULL;
+  c->expires_ms = id.expires_ms;
+  json_t *left = json_array();
+  for (size_t i = c->nsubs; i-- > 0;) {
+    arq_channel_t *ch = c->subs[i]->channel;
+    if (arq_bus_may_use_room(b, c->roles, c->rooms, ch->room->name))
+      continue;
+    json_array_append_new(left, json_string(ch->key));
+    leave_channel(b, c, ch, "access_revoked");
+  }
+  json_t *r = json_pack("{s:s, s:o, s:o}", "client_id", c->id, "roles", arq_access_roles_json(c->roles), "left", left);
+  if (c->expires_ms) {
+    char ts[32];
+    arq_time_iso8601(c->expires_ms, ts, sizeof ts);
+    json_object_set_new(r, "expires_at", json_string(ts));
+  }
+  arq_bus_reply(b, c, e, cmd->name, r);
+}
+
 static void cmd_help(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd);
 
 static const cmd_t commands[] = {
     {"status", cmd_status, false, "[offset], [limit]",
      "server figures, rooms and channels, clients (paged: offset, limit), and your own connection"},
-    {"create_channel", cmd_create, true, "room, channel", "create a channel (privileged)"},
-    {"delete_channel", cmd_delete, true, "room, channel",
-     "delete a channel: its members are told and removed, its history dropped (privileged)"},
+    {"create_channel", cmd_create, false, "room, channel", "create a channel (by default admins only: command_roles)"},
+    {"delete_channel", cmd_delete, false, "room, channel",
+     "delete a channel: its members are told and removed, its history dropped (by default admins only)"},
     {"join_channel", cmd_join, false, "room, channel", "subscribe to a channel, creating it if needed"},
-    {"leave_channel", cmd_leave, false, "room, channel", "unsubscribe from a channel"},
+    {"leave_channel", cmd_leave, true, "room, channel", "unsubscribe from a channel"},
     {"list_channels", cmd_list, false, "[room]", "list channels, optionally of one room"},
     {"channel_info", cmd_info, false, "room, channel", "a channel's members, message count and history size"},
     {"ping", cmd_ping, false, "[data]", "answered by pong with the server time (and your data)"},
     {"history", cmd_history, false, "room, channel, [limit], [since]",
      "the last 'limit' messages (default 50), or those after the message id 'since'"},
     {"help", cmd_help, false, "", "this list"},
+    {"authenticate", cmd_authenticate, false, "token",
+     "present a fresh API key or token for this connection before the current one expires"},
 };
 
 #define NCOMMANDS (sizeof commands / sizeof commands[0])
@@ -403,9 +466,10 @@ _Static_assert(NCOMMANDS <= sizeof(((arq_bus_stats_t *)0)->commands) / sizeof(ar
 static void cmd_help(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
   json_t *list = json_array();
   for (size_t i = 0; i < NCOMMANDS; i++)
-    json_array_append_new(list, json_pack("{s:s, s:s, s:s, s:b}", "name", commands[i].name, "arguments",
+    json_array_append_new(list, json_pack("{s:s, s:s, s:s, s:b, s:o}", "name", commands[i].name, "arguments",
                                           commands[i].args, "description", commands[i].help, "privileged",
-                                          commands[i].privileged));
+                                          arq_access_command_roles(b, i) != ARQ_ROLES_ALL, "roles",
+                                          arq_access_roles_json(arq_access_command_roles(b, i))));
   arq_bus_reply(b, c, e, cmd->name, json_pack("{s:o}", "commands", list));
 }
 
@@ -418,8 +482,8 @@ void arq_commands_run(arq_bus_t *b, arq_client_t *c, const arq_env_t *e) {
       continue;
     uint64_t t0 = arq_time_mono_ns();
     b->cmd_error = -1;
-    if (cmd->privileged && !arq_bus_is_admin(b, c))
-      arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_FORBIDDEN, NULL, "%s is a privileged command", cmd->name);
+    if (!(c->roles & arq_access_command_roles(b, i)))
+      arq_access_deny(b, c, e->id, cmd->name, ARQ_DENY_COMMAND, "%s is not open to your roles", cmd->name);
     else
       cmd->run(b, c, e, cmd);
     uint64_t ns = arq_time_mono_ns() - t0;

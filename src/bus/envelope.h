@@ -56,6 +56,7 @@ typedef enum {
   ARQ_CODE_FORBIDDEN,
   ARQ_CODE_INTERNAL,
   ARQ_CODE_STORAGE_UNAVAILABLE, /* Redis cannot take the message (strict mode, or the outage buffer is full) */
+  ARQ_CODE_UNAUTHORIZED,      /* an in-band credential was refused */
   ARQ_CODE_NCODES
 } arq_code_t;
 

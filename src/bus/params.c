@@ -17,6 +17,13 @@
 
 static const char *const type_names[ARQ_CLIENT_NTYPES] = {"human", "ai-agent", "dashboard", "service"};
 
+arq_client_type_t arq_client_type_parse(const char *name) {
+  for (int t = 0; t < ARQ_CLIENT_NTYPES; t++)
+    if (strcmp(name, type_names[t]) == 0)
+      return (arq_client_type_t)t;
+  return ARQ_CLIENT_HUMAN;
+}
+
 const char *arq_client_type_name(arq_client_type_t t) {
   return (unsigned)t < ARQ_CLIENT_NTYPES ? type_names[t] : "human";
 }

@@ -16,6 +16,8 @@
 #include "obs/log.h"
 #include "util/alloc.h"
 #include "util/err.h"
+#include "auth/credential.h"
+#include "util/time.h"
 #include "wire/handshake.h"
 
 #define MAX_IOV 256
@@ -280,10 +282,9 @@ void arq_conn_http_reply(arq_conn_t *c, int status, const char *content_type, co
   start_closing(c, reason);
 }
 
-static void refuse_upgrade(arq_conn_t *c, int status, const char *why) {
-  arq_ws_upgrade_t up = {.status = status, .errstr = why};
-  char resp[512];
-  size_t n = arq_ws_upgrade_response(&up, NULL, resp, sizeof resp);
+/* Sends the refusal 'resp' ('n' bytes) of an upgrade with 'status' because
+ * of 'why', counts and logs it, and closes. */
+static void refused(arq_conn_t *c, int status, const char *why, const char *resp, size_t n) {
   arq_rcbuf_t *b = arq_rcbuf_new(n);
   memcpy(b->data, resp, n);
   push(c, b);
@@ -292,6 +293,78 @@ static void refuse_upgrade(arq_conn_t *c, int status, const char *why) {
   arq_log(ARQ_LOG_INFO, "net", "handshake refused", ARQ_LI("conn", c->id), ARQ_LS("remote", c->remote),
           ARQ_LS("port", port_names[c->kind]), ARQ_LI("status", status), ARQ_LS("why", why));
   start_closing(c, status == 408 ? ARQ_CLOSE_HANDSHAKE_TIMEOUT : ARQ_CLOSE_HANDSHAKE_FAILED);
+}
+
+static void refuse_upgrade(arq_conn_t *c, int status, const char *why) {
+  arq_ws_upgrade_t up = {.status = status, .errstr = why};
+  char resp[512];
+  size_t n = arq_ws_upgrade_response(&up, NULL, resp, sizeof resp);
+  refused(c, status, why, resp, n);
+}
+
+/* Refuses an upgrade for want of a valid credential (401, with the
+ * challenge of RFC 6750: 'invalid' when one was presented) or of a
+ * permission (403). The body says why; it never repeats the credential. */
+static void refuse_access(arq_conn_t *c, int status, bool invalid, const char *why) {
+  char resp[768];
+  const char *challenge = status != 401 ? NULL
+                          : invalid     ? "WWW-Authenticate: Bearer realm=\"arqonbus\", error=\"invalid_token\"\r\n"
+                                        : "WWW-Authenticate: Bearer realm=\"arqonbus\"\r\n";
+  size_t n = arq_http_response(resp, sizeof resp, status, "text/plain; charset=utf-8", challenge, why, strlen(why));
+  if (status == 403)
+    c->srv->metrics.forbidden_connect++;
+  refused(c, status, why, resp, n);
+}
+
+/* Checks the credential of an upgrade on the bus or telemetry port (auth on).
+ * Returns true with 'id' filled (the caller clears it), or refuses. */
+static bool authenticate(arq_conn_t *c, arq_identity_t *id) {
+  arq_server_t *srv = c->srv;
+  char buf[ARQ_AUTH_MAX_CREDENTIAL + 1], why[256];
+  const char *cred;
+  size_t n;
+  switch (arq_credential_find(c->req, buf, sizeof buf, &cred, &n)) {
+  case ARQ_CRED_NONE:
+    srv->metrics.auth[ARQ_AUTH_MISSING]++;
+    refuse_access(c, 401, false,
+                  "authentication required: send the credential as Authorization: Bearer, as a Sec-WebSocket-Protocol "
+                  "entry bearer.<credential>, or as the token query parameter");
+    return false;
+  case ARQ_CRED_MALFORMED:
+    srv->metrics.auth[ARQ_AUTH_REFUSED]++;
+    refuse_access(c, 401, true, "the Authorization header must be Bearer <credential>, and token= well encoded");
+    return false;
+  default:
+    break;
+  }
+  if (arq_auth_verify(srv->auth, cred, n, arq_time_wall_ms(), id, why, sizeof why) != 0) {
+    srv->metrics.auth[ARQ_AUTH_REFUSED]++;
+    refuse_access(c, 401, true, why);
+    return false;
+  }
+  srv->metrics.auth[ARQ_AUTH_OK]++;
+  if (c->kind == ARQ_PORT_TELEMETRY && !(id->roles & ARQ_ROLE_ADMIN)) {
+    refuse_access(c, 403, false, "the telemetry port is open to the admin role only");
+    arq_identity_clear(id);
+    return false;
+  }
+  return true;
+}
+
+/* Puts what the credential 'id' says into the client's 'params'; refuses
+ * (403) a client_id parameter that names another client. */
+static bool apply_identity(arq_conn_t *c, const arq_identity_t *id, arq_client_params_t *params) {
+  if (params->client_id[0] && strcmp(params->client_id, id->client_id) != 0) {
+    refuse_access(c, 403, false, "the client_id parameter does not match the credential's client id");
+    return false;
+  }
+  snprintf(params->client_id, sizeof params->client_id, "%s", id->client_id);
+  if (id->client_type[0])
+    params->type = arq_client_type_parse(id->client_type);
+  params->roles = id->roles;
+  params->rooms = id->rooms;
+  params->expires_ms = id->expires_ms;
+  return true;
 }
 
 void arq_conn_handshake_expired(arq_conn_t *c) {
@@ -495,17 +568,30 @@ static void read_handshake(arq_conn_t *c, uint8_t *data, size_t n) {
     refuse_upgrade(c, 400, why);
     return;
   }
+  arq_identity_t id = {0};
+  if (srv->auth && !authenticate(c, &id))
+    return;
+  if (srv->auth && c->kind == ARQ_PORT_BUS && !apply_identity(c, &id, &params)) {
+    arq_identity_clear(&id);
+    return;
+  }
+  /* A browser that sends its credential as a subprotocol offers "arqonbus"
+   * too, and must get a subprotocol it offered back. */
+  const char *proto = arq_http_req_has_token(c->req, "Sec-WebSocket-Protocol", ARQ_SUBPROTOCOL) ? ARQ_SUBPROTOCOL
+                                                                                               : NULL;
   char resp[256];
-  size_t rn = arq_ws_upgrade_response(&up, NULL, resp, sizeof resp);
+  size_t rn = arq_ws_upgrade_response(&up, proto, resp, sizeof resp);
   arq_rcbuf_t *b = arq_rcbuf_new(rn);
   memcpy(b->data, resp, rn);
   push(c, b);
   open_websocket(c);
   if (c->kind == ARQ_PORT_BUS) {
     c->client = arq_bus_connect(srv->bus, c, &params, c->remote);
+    arq_identity_clear(&id);
     if (c->state != ARQ_CONN_OPEN)
       return; /* the welcome alone was too much for the queue */
   } else {
+    arq_identity_clear(&id);
     arq_telemetry_attach(srv, c, tel_mask);
   }
   /* A client may send frames right behind its request. */

@@ -7,6 +7,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <openssl/crypto.h>
 
 #include "bus/names.h"
 #include "net/conn.h"
@@ -182,12 +184,31 @@ static void serve_history(arq_conn_t *c, const arq_http_req_t *req) {
                   history_answer, w);
 }
 
+/* With ops_token set, every endpoint but /health needs it as a bearer
+ * token; compared in constant time (for its length). */
+static bool ops_authorized(const arq_conn_t *c, const arq_http_req_t *req) {
+  const char *want = c->srv->cfg->ops_token;
+  size_t wn = strlen(want);
+  if (wn == 0)
+    return true;
+  arq_slice_t h = arq_http_req_header(req, "Authorization");
+  if (!h.p || h.n != 7 + wn || strncasecmp(h.p, "Bearer ", 7) != 0)
+    return false;
+  return CRYPTO_memcmp(h.p + 7, want, wn) == 0;
+}
+
 void arq_ops_handle(arq_conn_t *c, const arq_http_req_t *req) {
   c->srv->metrics.http_requests++;
   if (strcmp(req->method, "GET") != 0) {
     static const char msg[] = "{\"error\":\"method_not_allowed\"}\n";
     arq_conn_http_reply(c, 405, "application/json", "Allow: GET\r\n", msg, sizeof msg - 1,
                         ARQ_CLOSE_NORMAL);
+    return;
+  }
+  if (!path_is(req, "/health") && !ops_authorized(c, req)) {
+    static const char msg[] = "{\"error\":\"unauthorized\",\"message\":\"send Authorization: Bearer <ops_token>\"}\n";
+    arq_conn_http_reply(c, 401, "application/json", "WWW-Authenticate: Bearer realm=\"arqonbus-ops\"\r\n", msg,
+                        sizeof msg - 1, ARQ_CLOSE_NORMAL);
     return;
   }
   if (path_is(req, "/health"))

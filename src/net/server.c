@@ -72,7 +72,15 @@ static void bus_describe(void *ud, json_t *server) {
 static void bus_close(void *ud, void *conn, uint16_t code, const char *why) {
   arq_conn_t *c = conn;
   arq_conn_forget_client(c);
-  arq_conn_close(c, code, why, code == 4001 ? ARQ_CLOSE_REPLACED : ARQ_CLOSE_MALFORMED);
+  arq_conn_close(c, code, why,
+                 code == 4001                      ? ARQ_CLOSE_REPLACED
+                 : code == ARQ_CLOSE_TOKEN_EXPIRED ? ARQ_CLOSE_EXPIRED
+                                                   : ARQ_CLOSE_MALFORMED);
+}
+
+static void bus_denied(void *ud, const char *client_id, const char *remote, const char *action, const char *why) {
+  arq_log(ARQ_LOG_WARN, "auth", "forbidden", ARQ_LS("client_id", client_id), ARQ_LS("remote", remote),
+          ARQ_LS("action", action), ARQ_LS("why", why));
 }
 
 /* Splits the comma-separated 'list' into a NULL-terminated array of strings
@@ -118,8 +126,11 @@ static arq_bus_t *make_bus(arq_server_t *srv, char *err, size_t cap) {
     o.seed = arq_time_wall_ms() ^ (uint64_t)getpid() << 32;
   o.telemetry_channel = cfg->telemetry_channel;
   o.dashboard_channel = cfg->dashboard_channel;
+  o.command_roles = cfg->command_roles;
+  o.protected_rooms = cfg->protected_rooms;
+  o.auth = srv->auth;
   arq_bus_io_t io = {.send = bus_send, .close = bus_close, .telemetry = bus_telemetry, .describe = bus_describe,
-                     .ud = srv};
+                     .denied = bus_denied, .ud = srv};
   if (srv->cluster) {
     io.append = bus_append;
     io.interest = bus_interest;
@@ -230,8 +241,9 @@ static int listen_on(arq_server_t *srv, arq_listener_t *l, arq_port_kind_t kind,
   l->srv = srv;
   l->kind = kind;
   l->port = port;
-  if (resolve(srv->cfg->host, port, &ss) != 0) {
-    snprintf(err, cap, "config: invalid value '%s' for host: not an IPv4 or IPv6 address", srv->cfg->host);
+  const char *host = kind == ARQ_PORT_OPS && srv->cfg->http_host[0] ? srv->cfg->http_host : srv->cfg->host;
+  if (resolve(host, port, &ss) != 0) {
+    snprintf(err, cap, "config: invalid value '%s' for host: not an IPv4 or IPv6 address", host);
     return ARQ_EINVAL;
   }
   uv_tcp_init(srv->loop, &l->tcp);
@@ -242,9 +254,9 @@ static int listen_on(arq_server_t *srv, arq_listener_t *l, arq_port_kind_t kind,
   if (rc != 0) {
     const char *key = kind == ARQ_PORT_BUS ? "port" : kind == ARQ_PORT_TELEMETRY ? "telemetry_port" : "http_port";
     if (rc == UV_EADDRINUSE)
-      snprintf(err, cap, "%s %d is already in use (%s:%d)", key, port, srv->cfg->host, port);
+      snprintf(err, cap, "%s %d is already in use (%s:%d)", key, port, host, port);
     else
-      snprintf(err, cap, "cannot listen on %s %d (%s:%d): %s", key, port, srv->cfg->host, port, uv_strerror(rc));
+      snprintf(err, cap, "cannot listen on %s %d (%s:%d): %s", key, port, host, port, uv_strerror(rc));
     return rc == UV_EADDRINUSE ? ARQ_EADDRINUSE : ARQ_EIO;
   }
   return 0;
@@ -295,6 +307,8 @@ int arq_server_start(arq_server_t *srv, uv_loop_t *loop, const arq_config_t *cfg
                              .node_ttl_ms = cfg->node_ttl_ms};
     srv->cluster = arq_cluster_new(loop, &co);
   }
+  if (arq_config_auth(cfg, &srv->auth, err, cap) != 0)
+    return ARQ_EINVAL;
   srv->bus = make_bus(srv, err, cap); /* after the lists: arq_server_close() walks them on failure */
   if (!srv->bus)
     return ARQ_EINVAL;
@@ -323,6 +337,23 @@ int arq_server_start(arq_server_t *srv, uv_loop_t *loop, const arq_config_t *cfg
   uv_signal_start(&srv->sigint, on_signal, SIGINT);
   uv_signal_start(&srv->sigterm, on_signal, SIGTERM);
   return 0;
+}
+
+void arq_server_log_security(const arq_server_t *srv) {
+  const arq_config_t *cfg = srv->cfg;
+  if (!srv->auth)
+    arq_log(ARQ_LOG_WARN, "auth", "authentication is off (auth: none): any client that reaches the bus port may "
+                                  "connect, with the admin role unless admins is set; see docs/security.md",
+            ARQ_LI("port", cfg->port));
+  else
+    arq_log(ARQ_LOG_INFO, "auth", "authentication on", ARQ_LS("mode", cfg->auth == ARQ_AUTH_JWT ? "jwt" : "api_key"),
+            ARQ_LI("api_keys", arq_auth_key_count(srv->auth)));
+  const char *ops = cfg->http_host[0] ? cfg->http_host : cfg->host;
+  bool loopback = strncmp(ops, "127.", 4) == 0 || strcmp(ops, "::1") == 0;
+  if (!loopback && !cfg->ops_token[0])
+    arq_log(ARQ_LOG_WARN, "auth", "the ops port is open beyond this machine without ops_token: /status and /history "
+                                  "show clients and messages to anyone who reaches it",
+            ARQ_LS("address", ops), ARQ_LI("http_port", cfg->http_port));
 }
 
 static void close_handle(uv_handle_t *h) {
@@ -411,5 +442,7 @@ void arq_server_free(arq_server_t *srv) {
   srv->bus = NULL;
   arq_cluster_free(srv->cluster);
   srv->cluster = NULL;
+  arq_auth_free(srv->auth);
+  srv->auth = NULL;
   arq_buf_free(&srv->tel_scratch);
 }

@@ -39,6 +39,7 @@ struct arq_server {
   const arq_config_t *cfg; /* borrowed; outlives the server */
   arq_bus_t *bus;          /* owned: rooms, channels, clients, history */
   struct arq_cluster *cluster; /* owned; NULL in memory-only mode */
+  arq_auth_t *auth;        /* owned; NULL with auth none */
   uint64_t bus_tick_at;    /* loop time of the bus's last periodic work */
   uint64_t read_ns;        /* uv_hrtime() of the read being handled */
   arq_metrics_t metrics;
@@ -81,6 +82,11 @@ struct arq_server {
  * arq_server_close() and run the loop once to release what was opened; after
  * the loop has ended, release the rest with arq_server_free(). */
 int arq_server_start(arq_server_t *srv, uv_loop_t *loop, const arq_config_t *cfg, char *err, size_t errcap);
+
+/* Logs how the server is secured: the authentication mode (a warning when
+ * off), and a warning when the ops port is reachable from other machines
+ * without a token. */
+void arq_server_log_security(const arq_server_t *srv);
 
 /* Starts a graceful shutdown: stop accepting, close every client with 1001,
  * flush, and release every handle so that uv_run() returns. */

@@ -13,10 +13,11 @@
 static const char *const close_reason_names[ARQ_CLOSE_REASON_COUNT] = {
     "normal",           "shutdown",          "protocol_error", "slow_consumer", "heartbeat_timeout",
     "handshake_failed", "handshake_timeout", "peer_gone",      "io_error",      "replaced",
-    "malformed",
+    "malformed",        "token_expired",
 };
 static const uint16_t protocol_codes[3] = {1002, 1007, 1009};
-static const int handshake_statuses[6] = {400, 405, 426, 431, 503, 408};
+static const int handshake_statuses[8] = {400, 405, 426, 431, 503, 408, 401, 403};
+static const char *const auth_results[3] = {"ok", "missing", "refused"};
 
 const char *arq_close_reason_name(arq_close_reason_t reason) {
   return reason < ARQ_CLOSE_REASON_COUNT ? close_reason_names[reason] : "unknown";
@@ -29,7 +30,7 @@ void arq_metrics_protocol_error(arq_metrics_t *m, uint16_t code) {
 }
 
 void arq_metrics_handshake_error(arq_metrics_t *m, int status) {
-  for (int i = 0; i < 6; i++)
+  for (int i = 0; i < 8; i++)
     if (handshake_statuses[i] == status)
       m->handshake_errors[i]++;
 }
@@ -118,9 +119,18 @@ size_t arq_metrics_render(const arq_metrics_t *m, const arq_bus_stats_t *bus, co
     emit(&o, "arqonbus_protocol_errors_total{code=\"%u\"} %llu\n", protocol_codes[i],
          (unsigned long long)m->protocol_errors[i]);
   header(&o, "arqonbus_handshake_errors_total", "counter", "Refused WebSocket handshakes, by HTTP status.");
-  for (int i = 0; i < 6; i++)
+  for (int i = 0; i < 8; i++)
     emit(&o, "arqonbus_handshake_errors_total{status=\"%d\"} %llu\n", handshake_statuses[i],
          (unsigned long long)m->handshake_errors[i]);
+  header(&o, "arqonbus_auth_total", "counter",
+         "Credentials checked at bus and telemetry upgrades, by result (missing and refused get 401).");
+  for (int i = 0; i < 3; i++)
+    emit(&o, "arqonbus_auth_total{result=\"%s\"} %llu\n", auth_results[i], (unsigned long long)m->auth[i]);
+  header(&o, "arqonbus_forbidden_total", "counter",
+         "Actions refused with forbidden, by action (connect: upgrades refused with 403).");
+  for (int i = 0; i < ARQ_DENY_NACTIONS; i++)
+    emit(&o, "arqonbus_forbidden_total{action=\"%s\"} %llu\n", arq_deny_name((arq_deny_t)i),
+         (unsigned long long)(bus->forbidden[i] + (i == ARQ_DENY_CONNECT ? m->forbidden_connect : 0)));
   series(&o, "arqonbus_slow_consumer_closes_total", "counter", "Clients closed because they could not keep up.",
          m->slow_consumer_closes);
   header(&o, "arqonbus_messages_received_total", "counter",

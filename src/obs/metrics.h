@@ -28,6 +28,7 @@ typedef enum {
   ARQ_CLOSE_IO_ERROR,          /* read or write failed */
   ARQ_CLOSE_REPLACED,          /* 4001: a newer connection took the client id */
   ARQ_CLOSE_MALFORMED,         /* 1008: too many malformed envelopes in a row */
+  ARQ_CLOSE_EXPIRED,           /* 4002: the credential expired without a refresh */
   ARQ_CLOSE_REASON_COUNT
 } arq_close_reason_t;
 
@@ -37,7 +38,9 @@ typedef struct arq_metrics {
   uint64_t connections_opened;         /* WebSocket handshakes completed */
   uint64_t connections_closed[ARQ_CLOSE_REASON_COUNT];
   uint64_t protocol_errors[3];         /* by close code 1002, 1007, 1009 */
-  uint64_t handshake_errors[6];        /* by status 400, 405, 426, 431, 503, 408 */
+  uint64_t handshake_errors[8];        /* by status 400, 405, 426, 431, 503, 408, 401, 403 */
+  uint64_t auth[3];                    /* bus and telemetry upgrades, by arq_auth_result_t */
+  uint64_t forbidden_connect;          /* upgrades refused with 403 */
   uint64_t slow_consumer_closes;
   uint64_t bytes_in;
   uint64_t bytes_out;
@@ -46,6 +49,8 @@ typedef struct arq_metrics {
   uint64_t telemetry_sent;             /* telemetry envelopes queued to monitoring clients */
   uint64_t telemetry_dropped;          /* ... dropped because a client's queue was full */
 } arq_metrics_t;
+
+typedef enum { ARQ_AUTH_OK = 0, ARQ_AUTH_MISSING, ARQ_AUTH_REFUSED } arq_auth_result_t;
 
 /* Counts a protocol violation by its close 'code' (1002, 1007 or 1009). */
 void arq_metrics_protocol_error(arq_metrics_t *m, uint16_t code);

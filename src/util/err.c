@@ -16,6 +16,7 @@ const char *arq_strerror(int err) {
   case ARQ_ECLOSED: return "closed";
   case ARQ_ETIMEDOUT: return "timed out";
   case ARQ_EADDRINUSE: return "address already in use";
+  case ARQ_EACCES: return "not allowed";
   default: return "unknown error";
   }
 }

@@ -21,6 +21,7 @@ enum {
   ARQ_ECLOSED = -9,     /* the peer or the object is closed */
   ARQ_ETIMEDOUT = -10,  /* a deadline passed */
   ARQ_EADDRINUSE = -11, /* address already in use */
+  ARQ_EACCES = -12,     /* not allowed: a credential or a permission is missing */
 };
 
 /* Returns a static, human-readable name for 'err' (never NULL). */

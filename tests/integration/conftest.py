@@ -46,11 +46,11 @@ def free_ports(n):
             s.close()
 
 
-def wait_port(port, timeout):
+def wait_port(port, timeout, host="127.0.0.1"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return True
         except OSError:
             time.sleep(0.02)
@@ -97,8 +97,9 @@ class Server:
         self.logfile = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.command(), stdout=self.logfile, stderr=subprocess.STDOUT,
                                      cwd=self.tmpdir, env=env)
-        for port in (self.port, self.telemetry_port, self.http_port):
-            if not wait_port(port, 10 * SLOW):
+        http_host = self.args[self.args.index("--http-host") + 1] if "--http-host" in self.args else "127.0.0.1"
+        for port, host in ((self.port, "127.0.0.1"), (self.telemetry_port, "127.0.0.1"), (self.http_port, http_host)):
+            if not wait_port(port, 10 * SLOW, host):
                 self.stop(check=False)
                 raise RuntimeError("arqonbus did not start listening:\n" + self.log())
         return self

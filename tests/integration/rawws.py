@@ -53,13 +53,13 @@ def close_payload(code, reason=b""):
 class RawWS:
     """A connected socket, upgraded unless upgrade=False."""
 
-    def __init__(self, port, upgrade=True, timeout=5.0, path="/"):
+    def __init__(self, port, upgrade=True, timeout=5.0, path="/", extra=""):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.buf = b""
         self.status = None
         self.headers = {}
         if upgrade:
-            req, key = upgrade_request(path=path)
+            req, key = upgrade_request(path=path, extra=extra)
             self.sock.sendall(req)
             self.status, self.headers = self.read_http_head()
             assert self.status == 101, "upgrade failed: %r %r" % (self.status, self.headers)

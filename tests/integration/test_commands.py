@@ -16,7 +16,7 @@ TS_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-
 ID_RE = re.compile(r"^arq_[A-Za-z0-9_-]{1,124}$")
 SUMMARY_KEYS = {"room", "channel", "members", "bootstrap", "created_at", "messages", "history"}
 ALL_COMMANDS = ["status", "create_channel", "delete_channel", "join_channel", "leave_channel", "list_channels",
-                "channel_info", "ping", "history", "help"]
+                "channel_info", "ping", "history", "help", "authenticate"]
 
 
 def drain(bus):
@@ -297,10 +297,16 @@ def test_help(server):
     a = Bus(server.port)
     p = ok(a.command("help"), "help")
     names = [c["name"] for c in p["commands"]]
-    assert sorted(names) == sorted(ALL_COMMANDS) and len(names) == 10
+    assert sorted(names) == sorted(ALL_COMMANDS) and len(names) == 11
     for c in p["commands"]:
-        assert set(c) == {"name", "arguments", "description", "privileged"}, c
+        assert set(c) == {"name", "arguments", "description", "privileged", "roles"}, c
         assert isinstance(c["arguments"], str) and c["description"] and isinstance(c["privileged"], bool)
+        # By default (command_roles) only create_channel and delete_channel
+        # are restricted, to admins.
+        if c["name"] in ("create_channel", "delete_channel"):
+            assert c["privileged"] is True and c["roles"] == ["admin"], c
+        else:
+            assert c["privileged"] is False and c["roles"] == ["admin", "user", "guest"], c
 
 
 def test_unknown_command(server):

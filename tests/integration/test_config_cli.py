@@ -30,11 +30,13 @@ from rawws import RawWS
 
 # Every setting's flag, in the order of --help (the table in src/config.c).
 SETTING_FLAGS = [
-    "--host", "--port", "--telemetry-port", "--http-port", "--log-level", "--log-format",
+    "--host", "--http-host", "--port", "--telemetry-port", "--http-port", "--log-level", "--log-format",
     "--max-message-size", "--max-header-size", "--handshake-timeout", "--heartbeat-interval",
     "--heartbeat-timeout", "--close-timeout", "--max-connections", "--max-outbound-queue",
     "--write-timeout", "--drain-timeout", "--max-envelope-size", "--max-malformed", "--history-size",
-    "--history-max-limit", "--channel-ttl", "--bootstrap-channels", "--admins", "--telemetry-channel",
+    "--history-max-limit", "--channel-ttl", "--bootstrap-channels", "--admins", "--auth", "--api-keys",
+    "--api-keys-file", "--jwt-algorithm", "--jwt-secret", "--jwt-key-file", "--jwt-audience", "--jwt-issuer",
+    "--jwt-leeway", "--command-roles", "--protected-rooms", "--ops-token", "--telemetry-channel",
     "--dashboard-channel", "--telemetry-stats-interval", "--telemetry-queue", "--stats-log-interval",
     "--redis-url", "--redis-timeout", "--redis-strict", "--redis-buffer-messages", "--redis-buffer-bytes",
     "--history-max-age", "--node-id", "--node-ttl",

@@ -146,7 +146,7 @@ def test_the_welcome(make_server):
         "protocol_version": "1.0", "heartbeat_interval_ms": 7000, "echo": False,
         "limits": {"max_message_size": 262144, "max_envelope_size": 65536, "history_size": 20,
                    "history_max_limit": 10, "max_recipients": 100, "max_malformed": 4},
-        "subscriptions": ["lab:bench"]}
+        "subscriptions": ["lab:bench"], "roles": ["admin", "user"]}
 
     d = Bus(make_server().port)
     assert welcome_of(d)["heartbeat_interval_ms"] == 25000

@@ -40,9 +40,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MSG_TYPES = ["event", "system", "command", "private", "telemetry", "error"]
 ERROR_CODES = ["invalid_json", "invalid_envelope", "unsupported_version", "unknown_type", "unsupported_frame",
                "payload_too_large", "unknown_command", "invalid_argument", "not_found", "already_exists", "forbidden",
-               "internal_error", "storage_unavailable"]
+               "internal_error", "storage_unavailable", "unauthorized"]
 COMMANDS = ["status", "create_channel", "delete_channel", "join_channel", "leave_channel", "list_channels",
-            "channel_info", "ping", "history", "help"]
+            "channel_info", "ping", "history", "help", "authenticate"]
 
 # Every family the issue and src/obs/metrics.c name: type and label names.
 FAMILIES = {
@@ -51,6 +51,8 @@ FAMILIES = {
     "arqonbus_connections_closed_total": ("counter", {"reason"}),
     "arqonbus_protocol_errors_total": ("counter", {"code"}),
     "arqonbus_handshake_errors_total": ("counter", {"status"}),
+    "arqonbus_auth_total": ("counter", {"result"}),
+    "arqonbus_forbidden_total": ("counter", {"action"}),
     "arqonbus_slow_consumer_closes_total": ("counter", set()),
     "arqonbus_messages_received_total": ("counter", {"type"}),
     "arqonbus_messages_delivered_total": ("counter", {"type"}),
@@ -331,7 +333,7 @@ def test_connection_counters_and_gauges(server):
         closed['arqonbus_connections_closed_total{reason="io_error"}'] == 1, closed
     assert family_deltas(m2, m0, "arqonbus_handshake_errors_total{") == {
         'arqonbus_handshake_errors_total{status="%s"}' % s: (1 if s == "400" else 0)
-        for s in ("400", "405", "408", "426", "431", "503")}
+        for s in ("400", "401", "403", "405", "408", "426", "431", "503")}
     for x in buses[1:] + mons[1:]:
         x.close()
     server.wait_metric("arqonbus_connections", lambda v: v == m0["arqonbus_connections"])

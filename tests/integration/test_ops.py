@@ -31,9 +31,9 @@ PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 ENVELOPE_TYPES = {"event", "system", "command", "private", "telemetry", "error"}
 ERROR_CODES = {"invalid_json", "invalid_envelope", "unsupported_version", "unknown_type", "unsupported_frame",
                "payload_too_large", "unknown_command", "invalid_argument", "not_found", "already_exists", "forbidden",
-               "internal_error", "storage_unavailable"}
+               "internal_error", "storage_unavailable", "unauthorized"}
 COMMANDS = {"status", "create_channel", "delete_channel", "join_channel", "leave_channel", "list_channels",
-            "channel_info", "ping", "history", "help"}
+            "channel_info", "ping", "history", "help", "authenticate"}
 
 # Every family of docs/operations.md with its type and, for labelled ones,
 # the label and its values (histograms: besides le).
@@ -42,9 +42,12 @@ FAMILIES = {
     "arqonbus_connections_opened_total": ("counter", None),
     "arqonbus_connections_closed_total": ("counter", ("reason", {
         "normal", "shutdown", "protocol_error", "slow_consumer", "heartbeat_timeout", "handshake_failed",
-        "handshake_timeout", "peer_gone", "io_error", "replaced", "malformed"})),
+        "handshake_timeout", "peer_gone", "io_error", "replaced", "malformed", "token_expired"})),
     "arqonbus_protocol_errors_total": ("counter", ("code", {"1002", "1007", "1009"})),
-    "arqonbus_handshake_errors_total": ("counter", ("status", {"400", "405", "408", "426", "431", "503"})),
+    "arqonbus_handshake_errors_total": ("counter", ("status", {"400", "401", "403", "405", "408", "426", "431",
+                                                               "503"})),
+    "arqonbus_auth_total": ("counter", ("result", {"ok", "missing", "refused"})),
+    "arqonbus_forbidden_total": ("counter", ("action", {"command", "room", "publish", "authenticate", "connect"})),
     "arqonbus_slow_consumer_closes_total": ("counter", None),
     "arqonbus_messages_received_total": ("counter", ("type", ENVELOPE_TYPES | {"invalid"})),
     "arqonbus_messages_delivered_total": ("counter", ("type", ENVELOPE_TYPES)),

@@ -1312,7 +1312,7 @@ static void test_help(void **state) {
   json_t *list = jget(m, "payload.commands");
   static const char *const names[] = {"status",        "create_channel", "delete_channel", "join_channel",
                                       "leave_channel", "list_channels",  "channel_info",   "ping",
-                                      "history",       "help"};
+                                      "history",       "help",           "authenticate"};
   assert_int_equal(json_array_size(list), sizeof names / sizeof names[0]);
   for (size_t i = 0; i < json_array_size(list); i++) {
     json_t *e = json_array_get(list, i);
@@ -2679,7 +2679,7 @@ static void test_command_histograms(void **state) {
   start(w, &o);
   static const char *const names[] = {"status",        "create_channel", "delete_channel", "join_channel",
                                       "leave_channel", "list_channels",  "channel_info",   "ping",
-                                      "history",       "help"};
+                                      "history",       "help",           "authenticate"};
   size_t n = sizeof names / sizeof names[0];
   for (size_t i = 0; i < n; i++)
     assert_string_equal(arq_bus_command_name(i), names[i]);
