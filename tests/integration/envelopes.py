@@ -64,8 +64,8 @@ def query(**params):
 class Bus:
     """A protocol v1 client on a raw socket. Reads and checks the welcome."""
 
-    def __init__(self, port, timeout=5.0, **params):
-        self.ws = RawWS(port, timeout=timeout, path=query(**params))
+    def __init__(self, port, timeout=5.0, tls=None, **params):
+        self.ws = RawWS(port, timeout=timeout, path=query(**params), tls=tls)
         self.timeout = timeout
         self.welcome = self.recv()
         assert self.welcome["type"] == "system" and self.welcome["payload"]["event"] == "welcome", self.welcome
