@@ -207,6 +207,8 @@ static int tls_encrypt_batch(arq_conn_t *c, size_t *plain) {
  * ciphertext is written, so the queue bound and the slow-consumer close see
  * them exactly as on a plaintext connection. */
 static void tls_flush(arq_conn_t *c) {
+  if (c->state == ARQ_CONN_CLOSING && !arq_tls_established(c->tls))
+    arq_outq_truncate(&c->outq, 0); /* the session failed: only its alert can still go */
   for (;;) {
     size_t plain;
     int entries = tls_encrypt_batch(c, &plain);
