@@ -11,6 +11,8 @@
 #include "util/alloc.h"
 #include "util/err.h"
 
+#define TLS12_CIPHERS "ECDHE+AESGCM:ECDHE+CHACHA20"
+
 struct arq_tls {
   SSL *ssl;
   BIO *rbio;            /* ciphertext from the peer; owned by ssl */
@@ -47,10 +49,16 @@ SSL_CTX *arq_tls_ctx_new(const char *cert, const char *key, int min_version, cha
     return NULL;
   }
   /* Security level 2 (keys of at least 112 bits' strength, no SHA-1
-   * signatures) whatever the system's openssl.cnf says; OpenSSL's default
-   * cipher lists at that level leave only AEAD ciphers with forward secrecy
-   * for TLS 1.2 and all of TLS 1.3's. */
+   * signatures) whatever the system's openssl.cnf says. TLS 1.3's suites
+   * are OpenSSL's defaults (all AEAD, all forward secret); TLS 1.2 is held
+   * to the same two properties: ECDHE key exchange with AES-GCM or
+   * ChaCha20-Poly1305, no CBC, no static RSA key exchange. */
   SSL_CTX_set_security_level(ctx, 2);
+  if (SSL_CTX_set_cipher_list(ctx, TLS12_CIPHERS) != 1) {
+    take_error(why, sizeof why, "no cipher available");
+    snprintf(err, errcap, "tls: cannot set the TLS 1.2 ciphers: %s", why);
+    goto free_ctx;
+  }
   SSL_CTX_set_min_proto_version(ctx, min_version);
   SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
   /* Idle sessions give their 2 x 16 KiB record buffers back. */

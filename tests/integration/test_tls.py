@@ -209,6 +209,11 @@ def test_min_version_1_3_refuses_a_1_2_client(make_server, certdir):
     with Bus(server12.port, timeout=TIMEOUT, tls=client_context(None, maximum_version=ssl.TLSVersion.TLSv1_2)) as bus:
         assert bus.ws.sock.version() == "TLSv1.2"
     assert server12.metrics()[TLS_ERRORS] == 0
+    # TLS 1.2 without forward secrecy or without AEAD is refused.
+    for cipher in ("AES128-GCM-SHA256", "ECDHE-RSA-AES128-SHA", "ECDHE-ECDSA-AES128-SHA256"):
+        weak = client_context(None, maximum_version=ssl.TLSVersion.TLSv1_2)
+        weak.set_ciphers(cipher)
+        expect_refused(server12, weak, server12.port)
 
 
 def test_plaintext_on_a_tls_port_is_closed_without_an_answer(make_server, certdir):
