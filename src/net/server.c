@@ -309,6 +309,7 @@ int arq_server_start(arq_server_t *srv, uv_loop_t *loop, const arq_config_t *cfg
     srv->tls_ctx = arq_tls_ctx_new(cfg->tls_cert, cfg->tls_key, cfg->tls_min_version, err, cap);
     if (!srv->tls_ctx)
       return ARQ_EINVAL;
+    srv->metrics.tls = true;
     char cert[512];
     arq_log(ARQ_LOG_INFO, "tls", "TLS on all three ports", ARQ_LS("cert", cfg->tls_cert),
             ARQ_LS("subject", arq_tls_ctx_describe(srv->tls_ctx, cert, sizeof cert)),

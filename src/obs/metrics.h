@@ -39,6 +39,7 @@ typedef struct arq_metrics {
   uint64_t protocol_errors[3];         /* by close code 1002, 1007, 1009 */
   uint64_t handshake_errors[6];        /* by status 400, 405, 426, 431, 503, 408 */
   uint64_t slow_consumer_closes;
+  bool tls;                            /* TLS is on: its families are exposed */
   uint64_t tls_handshake_errors;       /* TLS handshakes that failed (any port) */
   uint64_t tls_reloads[2];             /* SIGHUP reloads of the certificate: ok, failed */
   uint64_t bytes_in;

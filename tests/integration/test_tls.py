@@ -173,6 +173,15 @@ def test_ops_port_answers_https(make_server, certdir):
     m = server.metrics()
     assert m[TLS_ERRORS] == 0
     assert m[RELOADS_OK] == 0 and m[RELOADS_FAILED] == 0
+    body = server.http("/metrics")[2].decode()
+    assert "# TYPE arqonbus_tls_handshake_errors_total counter" in body
+    assert "# TYPE arqonbus_tls_reloads_total counter" in body
+    # Without TLS the families are not exposed, and SIGHUP changes nothing.
+    plain = make_server()
+    assert not any(k.startswith("arqonbus_tls_") for k in plain.metrics())
+    plain.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "nothing to reload" in plain.log(), "the SIGHUP log line")
+    assert plain.http("/health")[0] == 200
 
 
 # ---- refused handshakes ---------------------------------------------------------
