@@ -7,6 +7,7 @@ socket), https:// on the ops port. Hostile cases (old protocol versions,
 plaintext on a TLS port, silence) use raw sockets. Times are liveness bounds
 only (scaled by SLOW under ASan).
 """
+import asyncio
 import json
 import os
 import re
@@ -19,11 +20,12 @@ import tempfile
 import time
 
 import pytest
+import websockets
 
 from conftest import BIN, SLOW
 from envelopes import Bus, check
 from rawws import OP_CLOSE, OP_TEXT, RawWS, frame, parse_close, upgrade_request
-from wsutil import read_to_eof
+from wsutil import closed_by_reason, read_to_eof
 
 TIMEOUT = 5.0 * SLOW
 TLS_ERRORS = "arqonbus_tls_handshake_errors_total"
@@ -148,6 +150,27 @@ def test_many_messages_both_ways_arrive_intact_and_in_order(make_server, certdir
     b.close()
 
 
+def test_a_websockets_library_client_over_wss(make_server, certdir):
+    """A third-party client: the welcome, an event echoed back, a clean close
+    handshake (the library's close frame, then its close_notify)."""
+    server, ctx, _, _ = tls_server(make_server, certdir)
+
+    async def main():
+        url = "wss://127.0.0.1:%d/?client_id=lib-tls&channel=lab:lib&echo=true" % server.port
+        async with websockets.connect(url, ssl=ctx, open_timeout=TIMEOUT) as ws:
+            welcome = check(await asyncio.wait_for(ws.recv(), TIMEOUT))
+            assert welcome["payload"]["client_id"] == "lib-tls", welcome
+            await ws.send(json.dumps(event("lab:lib", text="x" * 50000)))
+            while True:
+                env = check(await asyncio.wait_for(ws.recv(), TIMEOUT))
+                if env["type"] == "event":
+                    break
+            assert env["payload"] == {"text": "x" * 50000}
+        assert ws.close_code == 1000
+    asyncio.run(main())
+    server.wait_metric('arqonbus_connections_closed_total{reason="normal"}', lambda v: v == 1)
+
+
 def test_telemetry_over_wss(make_server, certdir):
     server, ctx, _, _ = tls_server(make_server, certdir)
     mon = RawWS(server.telemetry_port, timeout=TIMEOUT, path="/?events=client_connected", tls=ctx)
@@ -228,6 +251,7 @@ def test_min_version_1_3_refuses_a_1_2_client(make_server, certdir):
 def test_plaintext_on_a_tls_port_is_closed_without_an_answer(make_server, certdir):
     server, ctx, _, _ = tls_server(make_server, certdir)
     before = server.metrics()[TLS_ERRORS]
+    failed = closed_by_reason(server.metrics())["handshake_failed"]
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=TIMEOUT) as s:
         s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         answer = read_to_eof(s)
@@ -237,6 +261,9 @@ def test_plaintext_on_a_tls_port_is_closed_without_an_answer(make_server, certdi
         answer = read_to_eof(s)
     assert b"HTTP/" not in answer, answer[:200]
     server.wait_metric(TLS_ERRORS, lambda v: v == before + 2)
+    # The bus port's one is a failed handshake among the closed connections
+    # too; the ops port's is not (no ops request is counted there).
+    server.wait_metric('arqonbus_connections_closed_total{reason="handshake_failed"}', lambda v: v == failed + 1)
     assert server.http("/health")[0] == 200
 
 
