@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import tempfile
 import time
@@ -51,8 +52,10 @@ def der_of(cert):
 
 
 def client_context(cert=None, **versions):
-    """A client context that trusts 'cert' (None: trusts anything)."""
+    """A client context that trusts 'cert' (None: trusts anything). An end
+    of the connection without close_notify is an error (ssl.SSLEOFError)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
     if cert is None:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -390,7 +393,8 @@ def test_slow_reader_over_tls_is_closed_as_a_slow_consumer(make_server, certdir)
     raw.settimeout(TIMEOUT)
     raw.connect(("127.0.0.1", server.port))
     slow = RawWS.__new__(RawWS)
-    slow.sock, slow.buf, slow.status, slow.headers = ctx.wrap_socket(raw, server_hostname="127.0.0.1"), b"", None, {}
+    slow.sock, slow.buf, slow.status, slow.headers = ctx.wrap_socket(raw, server_hostname="127.0.0.1",
+                                                                       suppress_ragged_eofs=False), b"", None, {}
     req, _ = upgrade_request(path="/?channel=lab:slow")
     slow.sock.sendall(req)
     assert slow.read_http_head()[0] == 101
@@ -419,5 +423,21 @@ def test_slow_reader_over_tls_is_closed_as_a_slow_consumer(make_server, certdir)
         assert op == OP_TEXT
         check(payload)
     assert parse_close(payload) == (1008, b"slow_consumer")
+    assert slow.sock.recv(1) == b""  # a clean close_notify, not a bare EOF (ssl.SSLEOFError)
     slow.close()
     pub.close()
+
+
+def test_shutdown_sends_1001_then_close_notify(make_server, certdir):
+    server, ctx, _, _ = tls_server(make_server, certdir)
+    bus = Bus(server.port, timeout=TIMEOUT, tls=ctx)
+    mon = RawWS(server.telemetry_port, timeout=TIMEOUT, path="/?events=stats", tls=ctx)
+    mon.recv_message()
+    server.proc.send_signal(signal.SIGTERM)
+    for ws in (bus.ws, mon):
+        code, reason = ws.expect_close(TIMEOUT)
+        assert code == 1001, (code, reason)
+        ws.send_frame(OP_CLOSE, struct.pack("!H", 1001))
+        assert ws.sock.recv(1) == b""  # close_notify, then the server's FIN
+        ws.close()
+    assert server.stop() == 0
