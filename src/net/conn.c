@@ -18,6 +18,7 @@
 #include <sys/ioctl.h>
 
 #include "net/telemetry.h"
+#include "net/tls.h"
 #include "obs/log.h"
 #include "util/alloc.h"
 #include "util/err.h"

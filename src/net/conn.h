@@ -25,11 +25,12 @@
 #include "bus/bus.h"
 #include "net/outq.h"
 #include "net/server.h"
-#include "net/tls.h"
 #include "obs/metrics.h"
 #include "util/list.h"
 #include "wire/frame.h"
 #include "wire/http.h"
+
+typedef struct arq_tls arq_tls_t; /* net/tls.h */
 
 typedef enum { ARQ_CONN_HANDSHAKE = 0, ARQ_CONN_OPEN, ARQ_CONN_CLOSING, ARQ_CONN_CLOSED } arq_conn_state_t;
 
