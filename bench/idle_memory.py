@@ -7,7 +7,10 @@ upgrade request, the 101 and its accept key checked), lets them sit idle,
 reads VmRSS again and prints the difference per connection. Then it closes
 every connection and stops the server.
 
-    /usr/bin/python3 bench/idle_memory.py [--server build/release/arqonbus] [-n 10000]
+    /usr/bin/python3 bench/idle_memory.py [--server build/release/arqonbus] [-n 10000] [--tls]
+
+With --tls the server gets a self-signed certificate (made with the openssl
+command line tool in the temporary directory) and every connection is wss://.
 
 What is measured is user-space memory only (the connection objects, libuv's
 per-descriptor tables, malloc overhead); socket buffers live in the kernel
@@ -20,6 +23,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -61,9 +65,20 @@ def wait_listening(proc, port, log_path, timeout=10.0):
     sys.exit("idle_memory: the server does not listen on %d" % port)
 
 
-def open_ws(port):
-    """Returns a socket past a checked 101."""
+def make_cert(directory):
+    """A self-signed P-256 certificate and key in 'directory'; returns their paths."""
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return cert, key
+
+
+def open_ws(port, tls=None):
+    """Returns a socket past a checked 101 ('tls': an ssl.SSLContext, or None)."""
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if tls is not None:
+        s = tls.wrap_socket(s)
     key = base64.b64encode(os.urandom(16)).decode()
     s.sendall(("GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (port, key)).encode())
@@ -88,6 +103,7 @@ def main():
     ap.add_argument("--server", default=os.path.join(ROOT, "build/release/arqonbus"))
     ap.add_argument("-n", "--connections", type=int, default=10000)
     ap.add_argument("--settle", type=float, default=1.0, help="seconds to wait before reading VmRSS")
+    ap.add_argument("--tls", action="store_true", help="wss:// with a self-signed certificate")
     args = ap.parse_args()
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -101,10 +117,17 @@ def main():
     with tempfile.TemporaryDirectory(prefix="arqidle.") as tmp:
         log_path = os.path.join(tmp, "server.log")
         log = open(log_path, "w")
+        tls_args, tls = [], None
+        if args.tls:
+            cert, key = make_cert(tmp)
+            tls_args = ["--tls-cert", cert, "--tls-key", key]
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            tls.check_hostname = False
+            tls.verify_mode = ssl.CERT_NONE
         # The child inherits the raised limit.
         proc = subprocess.Popen([args.server, "--host", "127.0.0.1", "--port", str(port),
                                  "--telemetry-port", str(tport), "--http-port", str(hport),
-                                 "--max-connections", "20000"],
+                                 "--max-connections", "20000"] + tls_args,
                                 stdout=subprocess.DEVNULL, stderr=log, cwd=tmp)
         socks = []
         ok = False
@@ -114,14 +137,14 @@ def main():
             before = status_kb(proc.pid, "VmRSS")
             t0 = time.monotonic()
             for _ in range(args.connections):
-                socks.append(open_ws(port))
+                socks.append(open_ws(port, tls))
             setup = time.monotonic() - t0
             time.sleep(args.settle)
             after = status_kb(proc.pid, "VmRSS")
             peak = status_kb(proc.pid, "VmHWM")
             per_conn = (after - before) * 1024 / args.connections
             print("server:            %s (pid %d)" % (args.server, proc.pid))
-            print("idle connections:  %d (opened in %.1f s)" % (args.connections, setup))
+            print("idle connections:  %d%s (opened in %.1f s)" % (args.connections, " over TLS" if tls else "", setup))
             print("VmRSS before:      %d kB" % before)
             print("VmRSS after:       %d kB (peak %d kB)" % (after, peak))
             print("per connection:    %.0f bytes" % per_conn)

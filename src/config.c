@@ -68,6 +68,7 @@ typedef enum {
   T_OPTADDR,  /* char *: an IPv4 or IPv6 address, or empty */
   T_AUTH,     /* arq_auth_mode_t: none, api_key, jwt */
   T_JWTALG,   /* arq_jwt_alg_t: HS256, RS256, ES256 */
+  T_TLSVER,   /* int: a TLS version, 1.2 or 1.3, stored as its protocol number (0x0303, 0x0304) */
 } kind_t;
 
 typedef struct setting {
@@ -103,6 +104,10 @@ static const setting_t settings[] = {
     {"port", T_PORT, INT(port), 1, 65535, "9100", "port of the WebSocket bus"},
     {"telemetry_port", T_PORT, INT(telemetry_port), 1, 65535, "9101", "port of the telemetry WebSocket server"},
     {"http_port", T_PORT, INT(http_port), 1, 65535, "9102", "port of the HTTP ops endpoints (/health, /version, /metrics)"},
+    {"tls_cert", T_PATH, STR(tls_cert), 0, 0, "",
+     "PEM certificate chain; with tls_key, all three ports speak TLS only (wss://, https://); empty: plaintext"},
+    {"tls_key", T_PATH, STR(tls_key), 0, 0, "", "PEM private key of tls_cert (reloaded with it on SIGHUP)"},
+    {"tls_min_version", T_TLSVER, INT(tls_min_version), 0, 0, "1.2", "oldest TLS version accepted: 1.2 or 1.3"},
     {"log_level", T_LOGLEVEL, INT(log_level), 0, 0, "info", "least severe log level written: debug, info, warn, error or off"},
     {"log_format", T_LOGFMT, FMT(log_format), 0, 0, "logfmt", "log line format: logfmt or json"},
     {"max_message_size", T_SIZE, U64(max_message_size), 125, 64 * MIB, "1MiB",
@@ -371,6 +376,9 @@ static void expected(const setting_t *s, char *buf, size_t cap) {
   case T_JWTALG:
     snprintf(buf, cap, "HS256, RS256 or ES256");
     break;
+  case T_TLSVER:
+    snprintf(buf, cap, "1.2 or 1.3");
+    break;
   }
 }
 
@@ -564,6 +572,14 @@ static int set_value(arq_config_t *c, const setting_t *s, const char *text, cons
       goto invalid;
     arq_free(*(char **)field);
     *(char **)field = arq_strdup(text);
+    return 0;
+  case T_TLSVER:
+    if (strcmp(text, "1.2") == 0)
+      *(int *)field = ARQ_TLS_1_2;
+    else if (strcmp(text, "1.3") == 0)
+      *(int *)field = ARQ_TLS_1_3;
+    else
+      goto invalid;
     return 0;
   case T_LOGFMT:
     if (strcasecmp(text, "logfmt") == 0)
@@ -1033,6 +1049,12 @@ static int check_combination(const arq_config_t *c, char *err, size_t errcap) {
                  ports[j].key, ports[i].port);
         return ARQ_EINVAL;
       }
+  if (!c->tls_cert[0] != !c->tls_key[0]) {
+    snprintf(err, errcap, "config: tls_cert and tls_key go together: %s is set but %s is empty (set both for TLS, "
+                          "neither for plaintext)", c->tls_cert[0] ? "tls_cert" : "tls_key",
+             c->tls_cert[0] ? "tls_key" : "tls_cert");
+    return ARQ_EINVAL;
+  }
   if (c->heartbeat_interval_ms > 0 && c->heartbeat_timeout_ms == 0) {
     snprintf(err, errcap, "config: heartbeat_timeout must be above 0 while heartbeat_interval is set "
                           "(set heartbeat_interval to 0 to disable pings)");
@@ -1133,6 +1155,8 @@ static const char *metavar(kind_t kind) {
     return "MODE";
   case T_JWTALG:
     return "ALG";
+  case T_TLSVER:
+    return "VERSION";
   }
   return "VALUE";
 }

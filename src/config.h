@@ -22,12 +22,18 @@
 
 typedef enum { ARQ_LOGFMT_LOGFMT = 0, ARQ_LOGFMT_JSON = 1 } arq_logfmt_t;
 
+/* TLS versions by their protocol numbers (OpenSSL's TLS1_2_VERSION, TLS1_3_VERSION). */
+enum { ARQ_TLS_1_2 = 0x0303, ARQ_TLS_1_3 = 0x0304 };
+
 typedef struct arq_config {
   char *host;                    /* address all listeners bind to */
   char *http_host;               /* address of the ops listener, "" for host */
   int port;                      /* WebSocket bus */
   int telemetry_port;            /* telemetry WebSocket server */
   int http_port;                 /* HTTP ops server */
+  char *tls_cert;                /* PEM certificate chain, "" for plaintext */
+  char *tls_key;                 /* PEM private key, set with tls_cert */
+  int tls_min_version;           /* ARQ_TLS_1_2 or ARQ_TLS_1_3 */
   int log_level;                 /* ARQ_LOG_DEBUG .. ARQ_LOG_ERROR (obs/log.h) */
   arq_logfmt_t log_format;
   uint64_t max_message_size;     /* bytes, one WebSocket message */

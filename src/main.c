@@ -69,17 +69,18 @@ int main(int argc, char **argv) {
           ARQ_LI("http_port", cfg.http_port), ARQ_LS("storage", cfg.redis_url[0] ? "redis" : "memory"),
           ARQ_LS("node", srv->cluster ? arq_cluster_node_id(srv->cluster) : ""));
   arq_server_log_security(srv);
+  const char *ws = cfg.tls_cert[0] ? "wss" : "ws", *http = cfg.tls_cert[0] ? "https" : "http";
   printf("ArqonBus %s is running (%s).\n"
-         "  WebSocket bus   ws://%s:%d\n"
-         "  Telemetry       ws://%s:%d\n"
-         "  HTTP ops        http://%s:%d/health  /version  /metrics  /status  /history\n"
-         "Connect with any WebSocket client, e.g.:  python3 -m websockets ws://%s:%d\n"
+         "  WebSocket bus   %s://%s:%d\n"
+         "  Telemetry       %s://%s:%d\n"
+         "  HTTP ops        %s://%s:%d/health  /version  /metrics  /status  /history\n"
+         "Connect with any WebSocket client, e.g.:  python3 -m websockets %s://%s:%d\n"
          "and send:  {\"type\":\"command\",\"command\":\"join_channel\",\"room\":\"science\",\"channel\":\"explore\"}\n"
          "           {\"type\":\"event\",\"room\":\"science\",\"channel\":\"explore\",\"payload\":{\"message\":\"hello\"}}\n"
          "Stop with Ctrl-C.\n",
          ARQ_VERSION, cfg.redis_url[0] ? "Redis mode: history in Redis Streams, shared with every node on the same Redis"
-                                       : "in-memory mode", cfg.host,
-         cfg.port, cfg.host, cfg.telemetry_port, cfg.host, cfg.http_port, cfg.host, cfg.port);
+                                       : "in-memory mode", ws, cfg.host,
+         cfg.port, ws, cfg.host, cfg.telemetry_port, http, cfg.http_host[0] ? cfg.http_host : cfg.host, cfg.http_port, ws, cfg.host, cfg.port);
   fflush(stdout);
   uv_run(&loop, UV_RUN_DEFAULT);
   arq_log(ARQ_LOG_INFO, "server", "stopped");

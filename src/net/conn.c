@@ -4,6 +4,11 @@
  * place and hands back whole messages, so an idle connection holds no read
  * memory at all. Writes go out as one writev of everything queued; what the
  * kernel does not take at once continues as one uv_write in flight.
+ *
+ * A TLS connection decrypts each read into the same shared buffer (its
+ * ciphertext is copied into the session first) and encrypts batches of
+ * queued frames just before they are written; a plaintext connection never
+ * touches that code.
  */
 #include "net/conn.h"
 
@@ -13,6 +18,7 @@
 #include <sys/ioctl.h>
 
 #include "net/telemetry.h"
+#include "net/tls.h"
 #include "obs/log.h"
 #include "util/alloc.h"
 #include "util/err.h"
@@ -21,6 +27,9 @@
 #include "wire/handshake.h"
 
 #define MAX_IOV 256
+#define TLS_RECORD 16384          /* plaintext of one full TLS record */
+#define TLS_BATCH (256 * 1024)    /* plaintext encrypted for one write */
+#define TLS_KEEP TLS_RECORD       /* a TLS session's emptied buffers above this go at once */
 
 static const char *const port_names[ARQ_PORT_COUNT] = {"bus", "telemetry", "ops"};
 
@@ -54,6 +63,7 @@ static void on_closed(uv_handle_t *h) {
     arq_free(c->req);
   }
   arq_ws_decoder_free(&c->dec);
+  arq_tls_free(c->tls);
   arq_free(c);
   arq_server_conn_gone(srv);
 }
@@ -115,6 +125,8 @@ static void on_write(uv_write_t *req, int status) {
   arq_list_remove(&c->node_write);
   if (c->state == ARQ_CONN_CLOSED)
     return; /* cancelled by uv_close; the queue is cleared in on_closed */
+  if (c->tls)
+    arq_tls_release(c->tls); /* the ciphertext written */
   if (status < 0) {
     arq_conn_destroy(c, ARQ_CLOSE_IO_ERROR);
     return;
@@ -141,11 +153,112 @@ static size_t unsent_bytes(arq_conn_t *c) {
   return left;
 }
 
+/* Starts the one asynchronous write of 'iov' ('nbufs' buffers). It carries
+ * the first 'entries' queue entries, 'queued' bytes of the queue (for TLS:
+ * their plaintext), which are consumed when it completes. */
+static void start_write(arq_conn_t *c, uv_buf_t *iov, unsigned nbufs, unsigned entries, size_t queued) {
+  c->wreq.data = c;
+  if (uv_write(&c->wreq, (uv_stream_t *)&c->tcp, iov, nbufs, on_write) != 0) {
+    arq_conn_destroy(c, ARQ_CLOSE_IO_ERROR);
+    return;
+  }
+  c->writing = true;
+  c->inflight = entries;
+  c->inflight_bytes = queued;
+  c->write_at = now_ms(c);
+  c->write_left = unsent_bytes(c);
+  arq_list_push_back(&c->srv->writing, &c->node_write);
+}
+
+/* Encrypts whole frames from the head of the queue, at most TLS_BATCH bytes
+ * of them (and at least one), small ones copied together so that each
+ * SSL_write fills a record. The frames stay queued. Returns how many were
+ * encrypted (their bytes in '*plain'), or -1 when the session failed. */
+static int tls_encrypt_batch(arq_conn_t *c, size_t *plain) {
+  uv_buf_t iov[MAX_IOV];
+  uint8_t stage[TLS_RECORD];
+  size_t staged = 0, total = 0;
+  unsigned i = 0;
+  *plain = 0;
+  if (c->outq.count == 0 || !arq_tls_established(c->tls))
+    return 0;
+  unsigned n = arq_outq_peek(&c->outq, 0, iov, MAX_IOV);
+  for (; i < n && total < TLS_BATCH; i++) {
+    size_t len = iov[i].len;
+    if (len > sizeof stage - staged) {
+      if (staged > 0 && arq_tls_write(c->tls, stage, staged) != 0)
+        return -1;
+      staged = 0;
+    }
+    if (len <= sizeof stage - staged) {
+      memcpy(stage + staged, iov[i].base, len);
+      staged += len;
+    } else if (arq_tls_write(c->tls, iov[i].base, len) != 0) {
+      return -1;
+    }
+    total += len;
+  }
+  if (staged > 0 && arq_tls_write(c->tls, stage, staged) != 0)
+    return -1;
+  *plain = total;
+  return (int)i;
+}
+
+/* The TLS write path: encrypts a batch of queued frames, then writes all the
+ * ciphertext the session holds (handshake messages and alerts included, in
+ * the order they were made). The frames leave the queue only when their
+ * ciphertext is written, so the queue bound and the slow-consumer close see
+ * them exactly as on a plaintext connection. */
+static void tls_flush(arq_conn_t *c) {
+  if (c->state == ARQ_CONN_CLOSING && !arq_tls_established(c->tls))
+    arq_outq_truncate(&c->outq, 0); /* the session failed: only its alert can still go */
+  for (;;) {
+    size_t plain;
+    int entries = tls_encrypt_batch(c, &plain);
+    if (entries < 0) {
+      arq_log(ARQ_LOG_WARN, "net", "tls write failed", ARQ_LI("conn", c->id), ARQ_LS("remote", c->remote));
+      arq_conn_destroy(c, ARQ_CLOSE_IO_ERROR);
+      return;
+    }
+    if (c->state == ARQ_CONN_CLOSING && (unsigned)entries == c->outq.count)
+      arq_tls_close_notify(c->tls); /* after the last frame */
+    if (arq_tls_pending(c->tls) == 0) {
+      if (c->outq.count == 0)
+        queue_drained(c);
+      return;
+    }
+    size_t len;
+    uint8_t *data = arq_tls_take(c->tls, &len);
+    arq_tls_trim(c->tls, TLS_KEEP);
+    uv_buf_t buf = uv_buf_init((char *)data, (unsigned)len);
+    int r = uv_try_write((uv_stream_t *)&c->tcp, &buf, 1);
+    if (r == UV_EAGAIN)
+      r = 0;
+    if (r < 0) {
+      arq_conn_destroy(c, ARQ_CLOSE_IO_ERROR);
+      return;
+    }
+    if ((size_t)r < len) {
+      buf = uv_buf_init((char *)data + r, (unsigned)(len - (size_t)r));
+      start_write(c, &buf, 1, (unsigned)entries, plain);
+      return;
+    }
+    arq_tls_release(c->tls);
+    arq_outq_consume(&c->outq, plain);
+    if (c->opened)
+      c->srv->metrics.bytes_out += plain;
+  }
+}
+
 void arq_conn_flush(arq_conn_t *c) {
   uv_buf_t iov[MAX_IOV];
   arq_list_remove(&c->node_flush);
   if (c->state == ARQ_CONN_CLOSED || c->writing || c->shut)
     return;
+  if (c->tls) {
+    tls_flush(c);
+    return;
+  }
   /* Write synchronously while the kernel takes everything. */
   while (c->outq.count > 0) {
     unsigned n = arq_outq_peek(&c->outq, 0, iov, MAX_IOV);
@@ -174,17 +287,7 @@ void arq_conn_flush(arq_conn_t *c) {
   size_t bytes = 0;
   for (unsigned i = 0; i < n; i++)
     bytes += iov[i].len;
-  c->wreq.data = c;
-  if (uv_write(&c->wreq, (uv_stream_t *)&c->tcp, iov, n, on_write) != 0) {
-    arq_conn_destroy(c, ARQ_CLOSE_IO_ERROR);
-    return;
-  }
-  c->writing = true;
-  c->inflight = n;
-  c->inflight_bytes = bytes;
-  c->write_at = now_ms(c);
-  c->write_left = unsent_bytes(c);
-  arq_list_push_back(&c->srv->writing, &c->node_write);
+  start_write(c, iov, n, n, bytes);
 }
 
 /* Queues 'buf' (one reference taken over) whatever the queue limit. */
@@ -368,6 +471,12 @@ static bool apply_identity(arq_conn_t *c, const arq_identity_t *id, arq_client_p
 }
 
 void arq_conn_handshake_expired(arq_conn_t *c) {
+  if (c->tls && !arq_tls_established(c->tls)) {
+    arq_log(ARQ_LOG_INFO, "net", "tls handshake timed out", ARQ_LI("conn", c->id), ARQ_LS("remote", c->remote),
+            ARQ_LS("port", port_names[c->kind]));
+    arq_conn_destroy(c, ARQ_CLOSE_HANDSHAKE_TIMEOUT);
+    return;
+  }
   if (c->kind == ARQ_PORT_OPS) {
     arq_conn_destroy(c, ARQ_CLOSE_HANDSHAKE_TIMEOUT);
     return;
@@ -389,6 +498,8 @@ void arq_conn_ping(arq_conn_t *c, uint64_t now) {
   for (int i = 0; i < 8; i++)
     stamp[i] = (uint8_t)(now >> (56 - 8 * i));
   arq_outq_trim(&c->outq); /* a heartbeat is a quiet moment to give back a burst's ring */
+  if (c->tls)
+    arq_tls_trim(c->tls, 0);
   push_frame(c, ARQ_WS_OP_PING, stamp, sizeof stamp);
   c->ping_at = now;
   arq_list_move_back(&srv->ping_due, &c->node_ping);
@@ -604,6 +715,78 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   *buf = uv_buf_init((char *)c->srv->rbuf, sizeof c->srv->rbuf);
 }
 
+/* Bytes of the HTTP request or WebSocket frames, as read or as decrypted. */
+static void read_plain(arq_conn_t *c, uint8_t *data, size_t n) {
+  if (c->opened)
+    c->srv->metrics.bytes_in += n;
+  if (c->input_done)
+    return; /* lingering close: discard */
+  if (c->state == ARQ_CONN_HANDSHAKE)
+    read_handshake(c, data, n);
+  else
+    read_frames(c, data, n);
+}
+
+/* The session failed: a failed handshake (an old version, plaintext on a TLS
+ * port, no shared cipher) is counted; either way the alert OpenSSL made goes
+ * out before the write side is shut down. */
+static void tls_failed(arq_conn_t *c, bool handshake) {
+  char text[256];
+  const char *why = text;
+  arq_tls_strerror(c->tls, text, sizeof text);
+  c->input_done = true;
+  if (handshake)
+    c->srv->metrics.tls_handshake_errors++;
+  arq_log(handshake ? ARQ_LOG_INFO : ARQ_LOG_WARN, "net", handshake ? "tls handshake failed" : "tls error",
+          ARQ_LI("conn", c->id), ARQ_LS("remote", c->remote), ARQ_LS("port", port_names[c->kind]),
+          ARQ_LS("why", why));
+  if (c->state != ARQ_CONN_CLOSING)
+    start_closing(c, handshake ? ARQ_CLOSE_HANDSHAKE_FAILED : ARQ_CLOSE_IO_ERROR);
+  arq_server_want_flush(c->srv, c);
+}
+
+/* Ciphertext 'data' (in the shared read buffer) goes into the session; the
+ * plaintext it yields is decrypted into that same buffer, one record at a
+ * time, and read like plaintext. */
+static void read_tls(arq_conn_t *c, const uint8_t *data, size_t n) {
+  arq_server_t *srv = c->srv;
+  arq_tls_t *t = c->tls;
+  bool established = arq_tls_established(t);
+  int rc = ARQ_AGAIN;
+  arq_tls_feed(t, data, n);
+  while (c->state != ARQ_CONN_CLOSED && !c->input_done) {
+    size_t got;
+    rc = arq_tls_read(t, srv->rbuf, sizeof srv->rbuf, &got);
+    if (!established && arq_tls_established(t)) {
+      established = true;
+      arq_tls_trim(t, 0); /* the handshake's buffers */
+      arq_log(ARQ_LOG_DEBUG, "net", "tls established", ARQ_LI("conn", c->id), ARQ_LS("remote", c->remote),
+              ARQ_LS("protocol", arq_tls_protocol(t)), ARQ_LS("cipher", arq_tls_cipher(t)));
+    }
+    if (rc != ARQ_OK)
+      break;
+    read_plain(c, srv->rbuf, got);
+  }
+  if (c->state == ARQ_CONN_CLOSED)
+    return;
+  if (rc == ARQ_EPROTO) {
+    tls_failed(c, !established);
+    return;
+  }
+  if (rc == ARQ_ECLOSED) {
+    /* close_notify: the peer sends nothing more. A closing connection still
+     * writes what it owes and waits for the EOF; any other is gone. */
+    c->input_done = true;
+    if (c->state != ARQ_CONN_CLOSING) {
+      arq_conn_destroy(c, ARQ_CLOSE_PEER_GONE);
+      return;
+    }
+  }
+  if (arq_tls_pending(t) > 0)
+    arq_server_want_flush(srv, c); /* handshake messages, session tickets */
+  arq_tls_trim(t, TLS_KEEP);
+}
+
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   arq_conn_t *c = (arq_conn_t *)s;
   if (nread == 0 || c->state == ARQ_CONN_CLOSED)
@@ -613,17 +796,11 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     arq_conn_destroy(c, nread == UV_EOF ? ARQ_CLOSE_PEER_GONE : ARQ_CLOSE_IO_ERROR);
     return;
   }
-  uint8_t *data = (uint8_t *)buf->base;
-  size_t n = (size_t)nread;
   c->srv->read_ns = uv_hrtime(); /* arrival of what this read completes */
-  if (c->opened)
-    c->srv->metrics.bytes_in += n;
-  if (c->input_done)
-    return; /* lingering close: discard */
-  if (c->state == ARQ_CONN_HANDSHAKE)
-    read_handshake(c, data, n);
-  else
-    read_frames(c, data, n);
+  if (!c->tls)
+    read_plain(c, (uint8_t *)buf->base, (size_t)nread);
+  else if (!c->input_done) /* else a lingering close: discard */
+    read_tls(c, (uint8_t *)buf->base, (size_t)nread);
 }
 
 /* ---- accepting ---------------------------------------------------------- */
@@ -678,6 +855,8 @@ void arq_conn_accept(arq_listener_t *l) {
   c->req = arq_malloc(sizeof(*c->req));
   arq_http_req_init(c->req, srv->cfg->max_header_size);
   arq_ws_decoder_init(&c->dec, srv->cfg->max_message_size, true);
+  if (srv->tls_ctx)
+    c->tls = arq_tls_new(srv->tls_ctx);
   srv->nconns++;
   srv->npending++;
   arq_list_push_back(&srv->conns, &c->node_all);

@@ -8,6 +8,11 @@
  *
  * The connection embeds its uv_tcp_t and its one write request: one write is
  * in flight at a time, carrying everything queued when it started.
+ *
+ * With TLS (net/tls.h) the same states hold: the TLS handshake is part of
+ * HANDSHAKE (and of its deadline), plaintext goes through the same request
+ * and frame code, and a closing connection sends close_notify after its last
+ * frame, before it shuts its write side down.
  */
 #ifndef ARQ_NET_CONN_H
 #define ARQ_NET_CONN_H
@@ -24,6 +29,8 @@
 #include "util/list.h"
 #include "wire/frame.h"
 #include "wire/http.h"
+
+typedef struct arq_tls arq_tls_t; /* net/tls.h */
 
 typedef enum { ARQ_CONN_HANDSHAKE = 0, ARQ_CONN_OPEN, ARQ_CONN_CLOSING, ARQ_CONN_CLOSED } arq_conn_state_t;
 
@@ -50,6 +57,7 @@ struct arq_conn {
   arq_client_t *client;    /* the bus's client while open (bus port only) */
   struct arq_http_wait *waiter; /* ops port: an answer that comes later (from Redis), or NULL */
   arq_ws_decoder_t dec;
+  arq_tls_t *tls;          /* owned; NULL on a plaintext port */
   uint64_t deadline;       /* handshake or close deadline (loop ms) */
   uint64_t ping_at;
   uint64_t pong_at;

@@ -14,6 +14,7 @@
 
 #include "net/conn.h"
 #include "net/telemetry.h"
+#include "net/tls.h"
 #include "store/cluster.h"
 #include "obs/log.h"
 #include "util/alloc.h"
@@ -274,6 +275,32 @@ static void on_signal(uv_signal_t *s, int signum) {
   arq_server_shutdown(srv);
 }
 
+/* SIGHUP: the certificate and key are read again into a new context, which
+ * new connections use; open ones keep the context they started with (each
+ * SSL holds a reference). A file that does not load changes nothing. */
+static void on_sighup(uv_signal_t *s, int signum) {
+  arq_server_t *srv = s->data;
+  const arq_config_t *cfg = srv->cfg;
+  char text[512], cert[512];
+  const char *err = text;
+  if (!srv->tls_ctx) {
+    arq_log(ARQ_LOG_INFO, "tls", "SIGHUP: nothing to reload (TLS is off)");
+    return;
+  }
+  SSL_CTX *ctx = arq_tls_ctx_new(cfg->tls_cert, cfg->tls_key, cfg->tls_min_version, text, sizeof text);
+  if (!ctx) {
+    srv->metrics.tls_reloads[1]++;
+    arq_log(ARQ_LOG_ERROR, "tls", "certificate reload failed; the previous certificate stays in use",
+            ARQ_LS("error", err));
+    return;
+  }
+  SSL_CTX_free(srv->tls_ctx);
+  srv->tls_ctx = ctx;
+  srv->metrics.tls_reloads[0]++;
+  arq_log(ARQ_LOG_INFO, "tls", "certificate reloaded", ARQ_LS("cert", cfg->tls_cert),
+          ARQ_LS("subject", arq_tls_ctx_describe(ctx, cert, sizeof cert)));
+}
+
 int arq_server_start(arq_server_t *srv, uv_loop_t *loop, const arq_config_t *cfg, char *err, size_t cap) {
   memset(srv, 0, offsetof(arq_server_t, rbuf));
   srv->loop = loop;
@@ -290,6 +317,16 @@ int arq_server_start(arq_server_t *srv, uv_loop_t *loop, const arq_config_t *cfg
   arq_list_init(&srv->pong_wait);
   arq_list_init(&srv->writing);
   arq_list_init(&srv->flush_pending);
+  if (cfg->tls_cert[0]) {
+    srv->tls_ctx = arq_tls_ctx_new(cfg->tls_cert, cfg->tls_key, cfg->tls_min_version, err, cap);
+    if (!srv->tls_ctx)
+      return ARQ_EINVAL;
+    srv->metrics.tls = true;
+    char cert[512];
+    arq_log(ARQ_LOG_INFO, "tls", "TLS on all three ports", ARQ_LS("cert", cfg->tls_cert),
+            ARQ_LS("subject", arq_tls_ctx_describe(srv->tls_ctx, cert, sizeof cert)),
+            ARQ_LS("min_version", cfg->tls_min_version == ARQ_TLS_1_3 ? "1.3" : "1.2"));
+  }
   if (cfg->redis_url[0]) {
     char node[ARQ_NAME_MAX + 1];
     if (cfg->node_id[0]) {
@@ -325,6 +362,8 @@ int arq_server_start(arq_server_t *srv, uv_loop_t *loop, const arq_config_t *cfg
   srv->sigint.data = srv;
   uv_signal_init(loop, &srv->sigterm);
   srv->sigterm.data = srv;
+  uv_signal_init(loop, &srv->sighup);
+  srv->sighup.data = srv;
 
   int ports[ARQ_PORT_COUNT] = {cfg->port, cfg->telemetry_port, cfg->http_port};
   for (int i = 0; i < ARQ_PORT_COUNT; i++) {
@@ -336,6 +375,7 @@ int arq_server_start(arq_server_t *srv, uv_loop_t *loop, const arq_config_t *cfg
   uv_check_start(&srv->flush_check, on_check);
   uv_signal_start(&srv->sigint, on_signal, SIGINT);
   uv_signal_start(&srv->sigterm, on_signal, SIGTERM);
+  uv_signal_start(&srv->sighup, on_sighup, SIGHUP);
   return 0;
 }
 
@@ -376,6 +416,7 @@ static void close_own_handles(arq_server_t *srv) {
   close_handle((uv_handle_t *)&srv->drain_timer);
   close_handle((uv_handle_t *)&srv->sigint);
   close_handle((uv_handle_t *)&srv->sigterm);
+  close_handle((uv_handle_t *)&srv->sighup);
   if (srv->cluster)
     arq_cluster_close(srv->cluster); /* its connections free themselves; the rest goes in arq_server_free */
 }
@@ -445,4 +486,6 @@ void arq_server_free(arq_server_t *srv) {
   arq_auth_free(srv->auth);
   srv->auth = NULL;
   arq_buf_free(&srv->tel_scratch);
+  SSL_CTX_free(srv->tls_ctx);
+  srv->tls_ctx = NULL;
 }

@@ -49,6 +49,8 @@ struct arq_server {
   uv_idle_t flush_idle;    /* keeps the loop from blocking while a flush is pending */
   uv_signal_t sigint;
   uv_signal_t sigterm;
+  uv_signal_t sighup;      /* reloads the TLS certificate */
+  struct ssl_ctx_st *tls_ctx; /* owned; NULL without TLS. Connections hold their own references */
   uv_timer_t drain_timer;
   /* Connection sets. Each deadline queue holds connections that share one
    * timeout, in insertion order, so only its head can be due. */

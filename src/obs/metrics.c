@@ -133,6 +133,14 @@ size_t arq_metrics_render(const arq_metrics_t *m, const arq_bus_stats_t *bus, co
          (unsigned long long)(bus->forbidden[i] + (i == ARQ_DENY_CONNECT ? m->forbidden_connect : 0)));
   series(&o, "arqonbus_slow_consumer_closes_total", "counter", "Clients closed because they could not keep up.",
          m->slow_consumer_closes);
+  if (m->tls) {
+    series(&o, "arqonbus_tls_handshake_errors_total", "counter",
+           "TLS handshakes that failed (old versions, plaintext on a TLS port, bad records), all ports.",
+           m->tls_handshake_errors);
+    header(&o, "arqonbus_tls_reloads_total", "counter", "Certificate reloads on SIGHUP, by result.");
+    emit(&o, "arqonbus_tls_reloads_total{result=\"ok\"} %llu\n", (unsigned long long)m->tls_reloads[0]);
+    emit(&o, "arqonbus_tls_reloads_total{result=\"failed\"} %llu\n", (unsigned long long)m->tls_reloads[1]);
+  }
   header(&o, "arqonbus_messages_received_total", "counter",
          "Messages received from bus clients, by envelope type (invalid: not a valid envelope).");
   for (int t = 0; t < ARQ_MSG_NTYPES; t++)

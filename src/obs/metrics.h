@@ -42,6 +42,9 @@ typedef struct arq_metrics {
   uint64_t auth[3];                    /* bus and telemetry upgrades, by arq_auth_result_t */
   uint64_t forbidden_connect;          /* upgrades refused with 403 */
   uint64_t slow_consumer_closes;
+  bool tls;                            /* TLS is on: its families are exposed */
+  uint64_t tls_handshake_errors;       /* TLS handshakes that failed (any port) */
+  uint64_t tls_reloads[2];             /* SIGHUP reloads of the certificate: ok, failed */
   uint64_t bytes_in;
   uint64_t bytes_out;
   uint64_t http_requests;              /* ops port */

@@ -69,6 +69,7 @@ class Server:
         self.proc = None
         self.log_path = os.path.join(tmpdir, "server-%d.log" % self.port)
         self.returncode = None
+        self.tls = None  # an ssl.SSLContext: the ops port is then asked over https
 
     @property
     def url(self):
@@ -134,9 +135,10 @@ class Server:
 
     def http(self, path, method="GET", timeout=5):
         """Returns (status, headers, body bytes) of a request on the ops port."""
-        req = urllib.request.Request("http://127.0.0.1:%d%s" % (self.http_port, path), method=method)
+        scheme = "https" if self.tls else "http"
+        req = urllib.request.Request("%s://127.0.0.1:%d%s" % (scheme, self.http_port, path), method=method)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
+            with urllib.request.urlopen(req, timeout=timeout, context=self.tls) as r:
                 return r.status, dict(r.headers), r.read()
         except urllib.error.HTTPError as e:
             return e.code, dict(e.headers), e.read()

@@ -64,9 +64,9 @@ def query(**params):
 class Bus:
     """A protocol v1 client on a raw socket. Reads and checks the welcome."""
 
-    def __init__(self, port, timeout=5.0, headers=None, **params):
+    def __init__(self, port, timeout=5.0, tls=None, headers=None, **params):
         extra = "".join("%s: %s\r\n" % kv for kv in (headers or {}).items())
-        self.ws = RawWS(port, timeout=timeout, path=query(**params), extra=extra)
+        self.ws = RawWS(port, timeout=timeout, path=query(**params), tls=tls, extra=extra)
         self.timeout = timeout
         self.welcome = self.recv()
         assert self.welcome["type"] == "system" and self.welcome["payload"]["event"] == "welcome", self.welcome

@@ -51,10 +51,15 @@ def close_payload(code, reason=b""):
 
 
 class RawWS:
-    """A connected socket, upgraded unless upgrade=False."""
+    """A connected socket, upgraded unless upgrade=False; over TLS when 'tls'
+    is an ssl.SSLContext (the handshake is done before the upgrade). Over
+    TLS, an end without close_notify raises ssl.SSLEOFError instead of
+    reading as b""."""
 
-    def __init__(self, port, upgrade=True, timeout=5.0, path="/", extra=""):
+    def __init__(self, port, upgrade=True, timeout=5.0, path="/", tls=None, extra=""):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname="127.0.0.1", suppress_ragged_eofs=False)
         self.buf = b""
         self.status = None
         self.headers = {}

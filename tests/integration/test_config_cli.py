@@ -30,7 +30,8 @@ from rawws import RawWS
 
 # Every setting's flag, in the order of --help (the table in src/config.c).
 SETTING_FLAGS = [
-    "--host", "--http-host", "--port", "--telemetry-port", "--http-port", "--log-level", "--log-format",
+    "--host", "--http-host", "--port", "--telemetry-port", "--http-port", "--tls-cert", "--tls-key",
+    "--tls-min-version", "--log-level", "--log-format",
     "--max-message-size", "--max-header-size", "--handshake-timeout", "--heartbeat-interval",
     "--heartbeat-timeout", "--close-timeout", "--max-connections", "--max-outbound-queue",
     "--write-timeout", "--drain-timeout", "--max-envelope-size", "--max-malformed", "--history-size",

@@ -217,20 +217,25 @@ def reset(sock):
     sock.close()
 
 
+def read_to_eof(sock):
+    """Reads 'sock' until the peer closes or resets it; returns the bytes."""
+    raw = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return raw
+        if not chunk:
+            return raw
+        raw += chunk
+
+
 def http_request(port, data, timeout=5.0):
     """Sends 'data' (bytes) on a fresh connection to 'port' and reads until the
     server closes it. Returns (status, {lower-case name: value}, body)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
-        raw = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            raw += chunk
+        raw = read_to_eof(s)
     head, sep, body = raw.partition(b"\r\n\r\n")
     assert sep, "no complete response head: %r" % raw[:200]
     lines = head.decode("latin-1").split("\r\n")

@@ -623,6 +623,37 @@ static void test_heartbeat_timeout_needs_interval_off(void **state) {
   arq_config_free(&r.cfg);
 }
 
+static void test_tls_settings(void **state) {
+  loaded_t r;
+  char *cert = write_yaml("tls-cert.pem", "cert\n");
+  char *key = write_yaml("tls-key.pem", "key\n");
+  load_ok(&r, ARGV(), NOENV);
+  assert_string_equal(r.cfg.tls_cert, "");
+  assert_string_equal(r.cfg.tls_key, "");
+  assert_int_equal(r.cfg.tls_min_version, ARQ_TLS_1_2);
+  arq_config_free(&r.cfg);
+  /* Both or neither: which one is missing is named. */
+  assert_string_equal(load_err(&r, ARGV("--tls-cert", cert), NOENV),
+                      "config: tls_cert and tls_key go together: tls_cert is set but tls_key is empty "
+                      "(set both for TLS, neither for plaintext)");
+  assert_string_equal(load_err(&r, ARGV(), ENVP("ARQONBUS_TLS_KEY=x")),
+                      "config: cannot read 'x' for tls_key (ARQONBUS_TLS_KEY): No such file or directory");
+  assert_string_equal(load_err(&r, ARGV("--tls-key", key), NOENV),
+                      "config: tls_cert and tls_key go together: tls_key is set but tls_cert is empty "
+                      "(set both for TLS, neither for plaintext)");
+  load_ok(&r, ARGV("--tls-cert", cert, "--tls-key", key, "--tls-min-version", "1.3"), NOENV);
+  assert_string_equal(r.cfg.tls_cert, cert);
+  assert_string_equal(r.cfg.tls_key, key);
+  assert_int_equal(r.cfg.tls_min_version, ARQ_TLS_1_3);
+  arq_config_free(&r.cfg);
+  static char *const bad[] = {"1.1", "1.0", "1", "1.30", "TLSv1.3", " 1.2", ""};
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    const char *err = load_err(&r, ARGV("--tls-min-version", bad[i]), NOENV);
+    if (!strstr(err, "for tls_min_version (--tls-min-version): expected 1.2 or 1.3"))
+      fail_msg("%s: %s", bad[i], err);
+  }
+}
+
 /* ---- value syntax --------------------------------------------------------- */
 
 static void test_size_units(void **state) {
@@ -1002,6 +1033,7 @@ int main(void) {
       cmocka_unit_test(test_yaml_syntax_errors_have_lines),
       cmocka_unit_test(test_unreadable_files),
       cmocka_unit_test(test_strings_replaced_without_leaks),
+      cmocka_unit_test(test_tls_settings),
   };
   return cmocka_run_group_tests(tests, make_tmpdir, remove_tmpdir);
 }
