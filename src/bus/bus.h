@@ -293,6 +293,10 @@ typedef struct arq_bus_stats {
   uint64_t expired_closes;            /* connections closed when their credential expired */
 } arq_bus_stats_t;
 
+/* Replaces the verifier of in-band credentials ('auth' borrowed; NULL:
+ * authentication off). */
+void arq_bus_set_auth(arq_bus_t *b, const arq_auth_t *auth);
+
 /* True when a client with 'roles' and token rooms 'rooms' (NULL: no limit)
  * may join, publish to and read room 'room' (access.c). */
 bool arq_bus_may_use_room(const arq_bus_t *b, unsigned roles, const char *rooms, const char *room);

@@ -278,13 +278,36 @@ static void on_signal(uv_signal_t *s, int signum) {
 /* SIGHUP: the certificate and key are read again into a new context, which
  * new connections use; open ones keep the context they started with (each
  * SSL holds a reference). A file that does not load changes nothing. */
+/* SIGHUP also reads the credentials again (api_keys_file, jwt_key_file):
+ * new connections are checked against the new ones, open connections keep
+ * the identity they were admitted with. A file that no longer loads leaves
+ * the previous credentials in force. */
+static void reload_auth(arq_server_t *srv) {
+  char text[512];
+  const char *err = text;
+  arq_auth_t *auth = NULL;
+  if (!srv->auth)
+    return;
+  if (arq_config_auth(srv->cfg, &auth, text, sizeof text) != 0) {
+    srv->metrics.auth_reloads[1]++;
+    arq_log(ARQ_LOG_ERROR, "auth", "credentials reload failed; the previous ones stay in force", ARQ_LS("error", err));
+    return;
+  }
+  arq_bus_set_auth(srv->bus, auth);
+  arq_auth_free(srv->auth);
+  srv->auth = auth;
+  srv->metrics.auth_reloads[0]++;
+  arq_log(ARQ_LOG_INFO, "auth", "credentials reloaded", ARQ_LI("api_keys", arq_auth_key_count(auth)));
+}
+
 static void on_sighup(uv_signal_t *s, int signum) {
   arq_server_t *srv = s->data;
   const arq_config_t *cfg = srv->cfg;
   char text[512], cert[512];
   const char *err = text;
+  reload_auth(srv);
   if (!srv->tls_ctx) {
-    arq_log(ARQ_LOG_INFO, "tls", "SIGHUP: nothing to reload (TLS is off)");
+    arq_log(ARQ_LOG_INFO, "tls", "SIGHUP: no certificate to reload (TLS is off)");
     return;
   }
   SSL_CTX *ctx = arq_tls_ctx_new(cfg->tls_cert, cfg->tls_key, cfg->tls_min_version, text, sizeof text);

@@ -126,6 +126,9 @@ size_t arq_metrics_render(const arq_metrics_t *m, const arq_bus_stats_t *bus, co
          "Credentials checked at bus and telemetry upgrades, by result (missing and refused get 401).");
   for (int i = 0; i < 3; i++)
     emit(&o, "arqonbus_auth_total{result=\"%s\"} %llu\n", auth_results[i], (unsigned long long)m->auth[i]);
+  header(&o, "arqonbus_auth_reloads_total", "counter", "Credentials read again on SIGHUP, by result.");
+  emit(&o, "arqonbus_auth_reloads_total{result=\"ok\"} %llu\narqonbus_auth_reloads_total{result=\"failed\"} %llu\n",
+       (unsigned long long)m->auth_reloads[0], (unsigned long long)m->auth_reloads[1]);
   header(&o, "arqonbus_forbidden_total", "counter",
          "Actions refused with forbidden, by action (connect: upgrades refused with 403).");
   for (int i = 0; i < ARQ_DENY_NACTIONS; i++)

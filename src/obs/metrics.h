@@ -41,6 +41,7 @@ typedef struct arq_metrics {
   uint64_t handshake_errors[8];        /* by status 400, 405, 426, 431, 503, 408, 401, 403 */
   uint64_t auth[3];                    /* bus and telemetry upgrades, by arq_auth_result_t */
   uint64_t forbidden_connect;          /* upgrades refused with 403 */
+  uint64_t auth_reloads[2];            /* credentials read again on SIGHUP: ok, failed */
   uint64_t slow_consumer_closes;
   bool tls;                            /* TLS is on: its families are exposed */
   uint64_t tls_handshake_errors;       /* TLS handshakes that failed (any port) */

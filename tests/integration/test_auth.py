@@ -239,6 +239,28 @@ def test_api_keys_from_the_config_and_a_file(make_server, tmp_path):
     assert srv.metrics()['arqonbus_auth_total{result="refused"}'] == 2
 
 
+def test_sighup_reads_the_key_file_again(make_server, tmp_path):
+    import signal
+    keyfile = tmp_path / "keys"
+    keyfile.write_text(keyline("old-key-0123456789", "svc", "user") + "\n")
+    srv = make_server(args=["--auth", "api_key", "--api-keys-file", str(keyfile)])
+    old = Bus(srv.port, token="old-key-0123456789")
+    # Rotate: the new file replaces the old one whole (written, then renamed).
+    (tmp_path / "keys.new").write_text(keyline("new-key-0123456789", "svc2", "user") + "\n")
+    os.replace(tmp_path / "keys.new", keyfile)
+    srv.proc.send_signal(signal.SIGHUP)
+    srv.wait_metric('arqonbus_auth_reloads_total{result="ok"}', lambda v: v == 1)
+    refused(srv.port, "old-key-0123456789", reason="unknown API key")
+    assert Bus(srv.port, token="new-key-0123456789").id == "svc2"
+    alive(old)  # admitted before the rotation: stays until it closes
+    # A broken file: the keys in force stay, the failure is logged and counted.
+    keyfile.write_text("not an entry\n")
+    srv.proc.send_signal(signal.SIGHUP)
+    srv.wait_metric('arqonbus_auth_reloads_total{result="failed"}', lambda v: v == 1)
+    assert Bus(srv.port, token="new-key-0123456789").id == "svc2"
+    assert "credentials reload failed" in srv.log()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--auth", "api_key"], "no API key is configured"),
     (["--auth", "api_key", "--api-keys", "abc:me:user"], "64 hex digits"),

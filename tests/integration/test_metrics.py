@@ -52,6 +52,7 @@ FAMILIES = {
     "arqonbus_protocol_errors_total": ("counter", {"code"}),
     "arqonbus_handshake_errors_total": ("counter", {"status"}),
     "arqonbus_auth_total": ("counter", {"result"}),
+    "arqonbus_auth_reloads_total": ("counter", {"result"}),
     "arqonbus_forbidden_total": ("counter", {"action"}),
     "arqonbus_slow_consumer_closes_total": ("counter", set()),
     "arqonbus_messages_received_total": ("counter", {"type"}),

@@ -47,6 +47,7 @@ FAMILIES = {
     "arqonbus_handshake_errors_total": ("counter", ("status", {"400", "401", "403", "405", "408", "426", "431",
                                                                "503"})),
     "arqonbus_auth_total": ("counter", ("result", {"ok", "missing", "refused"})),
+    "arqonbus_auth_reloads_total": ("counter", ("result", {"ok", "failed"})),
     "arqonbus_forbidden_total": ("counter", ("action", {"command", "room", "publish", "authenticate", "connect"})),
     "arqonbus_slow_consumer_closes_total": ("counter", None),
     "arqonbus_messages_received_total": ("counter", ("type", ENVELOPE_TYPES | {"invalid"})),
