@@ -28,6 +28,7 @@ typedef enum {
   ARQ_CLOSE_IO_ERROR,          /* read or write failed */
   ARQ_CLOSE_REPLACED,          /* 4001: a newer connection took the client id */
   ARQ_CLOSE_MALFORMED,         /* 1008: too many malformed envelopes in a row */
+  ARQ_CLOSE_RATE_LIMITED,      /* 1008: kept sending over the rate limit */
   ARQ_CLOSE_REASON_COUNT
 } arq_close_reason_t;
 
@@ -37,7 +38,8 @@ typedef struct arq_metrics {
   uint64_t connections_opened;         /* WebSocket handshakes completed */
   uint64_t connections_closed[ARQ_CLOSE_REASON_COUNT];
   uint64_t protocol_errors[3];         /* by close code 1002, 1007, 1009 */
-  uint64_t handshake_errors[6];        /* by status 400, 405, 426, 431, 503, 408 */
+  uint64_t handshake_errors[8];        /* by status 400, 405, 426, 431, 503, 408, 403, 429 */
+  uint64_t limit_denials[ARQ_LIMIT_NLIMITS]; /* the shell's: connections per address, origin */
   uint64_t slow_consumer_closes;
   uint64_t bytes_in;
   uint64_t bytes_out;

@@ -32,7 +32,9 @@ from rawws import RawWS
 SETTING_FLAGS = [
     "--host", "--port", "--telemetry-port", "--http-port", "--log-level", "--log-format",
     "--max-message-size", "--max-header-size", "--handshake-timeout", "--heartbeat-interval",
-    "--heartbeat-timeout", "--close-timeout", "--max-connections", "--max-outbound-queue",
+    "--heartbeat-timeout", "--close-timeout", "--max-connections", "--max-connections-per-ip", "--rate-limit-messages",
+    "--rate-limit-bytes", "--rate-limit-close-after", "--max-subscriptions", "--max-channels", "--max-rooms",
+    "--allowed-origins", "--max-outbound-queue",
     "--write-timeout", "--drain-timeout", "--max-envelope-size", "--max-malformed", "--history-size",
     "--history-max-limit", "--channel-ttl", "--bootstrap-channels", "--admins", "--telemetry-channel",
     "--dashboard-channel", "--telemetry-stats-interval", "--telemetry-queue", "--stats-log-interval",
