@@ -454,6 +454,18 @@ def test_max_envelope_size_answers_payload_too_large(make_server, pair_of):
     b.close()
 
 
+def test_max_malformed_closes_with_1008(make_server, pair_of):
+    server = make_server(args=["--max-malformed", "3"])
+    pair = pair_of(server)
+    bad = RawWS(server.port, timeout=TIMEOUT)
+    bad.recv_message()  # the welcome
+    bad.send(b"".join(frame(OP_TEXT, b"not json") for _ in range(3)))
+    messages, close, _ = drain_to_end(bad, TIMEOUT)
+    assert [error_code(check(p)) for op, p in messages] == ["invalid_json"] * 3
+    assert parse_close(close) == (1008, b"too many malformed messages"), close
+    pair.works()
+
+
 def test_max_header_size_refuses_with_431(make_server, pair_of):
     server = make_server(args=["--max-header-size", "1KiB"])
     pair = pair_of(server)
