@@ -443,9 +443,11 @@ void arq_bus_limit_error(arq_bus_t *b, arq_client_t *c, const char *correlation_
   arq_bus_error(b, c, correlation_id, command, ARQ_CODE_LIMIT_EXCEEDED,
                 json_pack("{s:s, s:I, s:s, s:s}", "limit", setting, "max", (json_int_t)max, "room", room, "channel",
                           channel),
-                limit == ARQ_LIMIT_SUBSCRIPTIONS ? "you have joined %zu channels, the most a client may (%s): %s:%s is not joined"
-                : limit == ARQ_LIMIT_ROOMS ? "%zu rooms exist, the most this server holds (%s): %s:%s is not created"
-                                           : "%zu channels exist, the most this server holds (%s): %s:%s is not created",
+                limit == ARQ_LIMIT_SUBSCRIPTIONS
+                    ? "you have joined %zu channels, the most a client may (%s): %s:%s is not joined"
+                : limit == ARQ_LIMIT_ROOMS
+                    ? "%zu rooms exist, the most this server holds (%s): %s:%s is not created"
+                    : "%zu channels exist, the most this server holds (%s): %s:%s is not created",
                 max, setting, room, channel);
 }
 
@@ -663,14 +665,19 @@ void arq_bus_disconnect(arq_bus_t *b, arq_client_t *c) {
 
 /* ---- receiving and routing ---------------------------------------------- */
 
+/* Disconnects 'c' and has the shell close its connection with 'code' and 'why'. */
+static void close_client(arq_bus_t *b, arq_client_t *c, uint16_t code, const char *why) {
+  void *conn = c->conn;
+  arq_bus_disconnect(b, c);
+  b->io.close(b->io.ud, conn, code, why);
+}
+
 static void malformed(arq_bus_t *b, arq_client_t *c, const arq_env_error_t *err) {
   b->st.received_invalid++;
   arq_bus_error(b, c, err->correlation_id, NULL, err->code, NULL, "%s", err->message);
   if (b->o.max_malformed && ++c->malformed >= b->o.max_malformed && !c->gone) {
     b->st.malformed_closes++;
-    void *conn = c->conn;
-    arq_bus_disconnect(b, c);
-    b->io.close(b->io.ud, conn, 1008, "too many malformed messages");
+    close_client(b, c, 1008, "too many malformed messages");
   }
 }
 
@@ -707,9 +714,7 @@ static void rate_limited(arq_bus_t *b, arq_client_t *c, const char *data, size_t
   }
   if (b->o.rate_close_after && ++c->rejected >= b->o.rate_close_after && !c->gone) {
     b->st.limit_denials[ARQ_LIMIT_RATE_CLOSE]++;
-    void *conn = c->conn;
-    arq_bus_disconnect(b, c);
-    b->io.close(b->io.ud, conn, 1008, ARQ_BUS_RATE_CLOSE_REASON);
+    close_client(b, c, 1008, ARQ_BUS_RATE_CLOSE_REASON);
   }
 }
 
