@@ -181,6 +181,38 @@ def test_connections_per_address_refused_with_429(make_server, pair_of):
     pair.works()
 
 
+def test_connections_per_address_ipv6(make_server):
+    """Listening on '::', IPv4 clients (seen as ::ffff:127.0.0.1) and IPv6
+    clients (::1) are counted apart."""
+    server = make_server(args=["--host", "::", "--max-connections-per-ip", "1"])
+
+    def attempt(family, addr):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.settimeout(TIMEOUT)
+        s.connect((addr, server.port))
+        ws = RawWS.__new__(RawWS)
+        ws.sock, ws.buf, ws.status, ws.headers = s, b"", None, {}
+        ws.send(upgrade_request()[0])
+        status, _ = ws.read_http_head()
+        return ws, status
+
+    v4, status = attempt(socket.AF_INET, "127.0.0.1")
+    assert status == 101
+    v6, status = attempt(socket.AF_INET6, "::1")
+    assert status == 101
+    for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        ws, status = attempt(family, addr)
+        assert status == 429, (addr, status)
+        ws.close()
+    assert "addr=::1" in server.log(), server.log()[-2000:]
+    assert denials(server, "connections_per_ip") == 2
+    # The first two still work.
+    for ws in (v4, v6):
+        op, payload = ws.recv_message()
+        assert check(payload)["payload"]["event"] == "welcome"
+        ws.close()
+
+
 def test_default_per_address_limit_lets_the_suite_connect(make_server):
     server = make_server()
     conns = connect_many(server.port, 100, timeout=10 * SLOW)
