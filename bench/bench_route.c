@@ -40,6 +40,14 @@ int main(int argc, char **argv) {
   unsigned size = argc > 3 ? (unsigned)atoi(argv[3]) : 64;
   arq_bus_opts_t o;
   arq_bus_opts_defaults(&o);
+  /* The limits the server always enforces, as high as its settings go, so
+   * that each message pays for the rate check without being refused. */
+  o.rate_messages = 1000000;
+  o.rate_bytes = UINT64_C(1) << 30;
+  o.rate_close_after = 100;
+  o.max_subscriptions = 256;
+  o.max_channels = 10000;
+  o.max_rooms = 1000;
   arq_bus_io_t io = {.send = count_send, .close = no_close};
   char err[256];
   arq_bus_t *bus = arq_bus_new(&o, &io, arq_history_mem_new(o.history_size), err, sizeof err);

@@ -43,7 +43,7 @@ def main():
     port, tport, hport = free_ports(3)
     log = tempfile.NamedTemporaryFile(prefix="command_latency-", suffix=".log", delete=False)
     proc = subprocess.Popen([args.server, "--port", str(port), "--telemetry-port", str(tport), "--http-port",
-                             str(hport), "--log-level", "warn"], stdout=subprocess.DEVNULL, stderr=log)
+                             str(hport), "--log-level", "warn", "--rate-limit-messages", "1000000"], stdout=subprocess.DEVNULL, stderr=log)
     try:
         wait_listening(proc, port, log.name)
         bus = Bus(port, channel="science:explore")

@@ -6,7 +6,9 @@
 #   bench/run_fanout.sh build/stub/arqonbus --subs 1000 --msgs 20000
 #
 # Starts SERVER_BINARY (default build/release/arqonbus) on free ports with the
-# file descriptor limit raised to the hard limit, runs arqbench (from
+# file descriptor limit raised to the hard limit and the limits that would stop
+# a benchmark from one address (connections per address, the publisher's rate)
+# raised to their maxima, runs arqbench (from
 # $ARQBENCH, default build/release/arqbench) against it, then prints the
 # server's resident memory (near the end of the run and peak) and CPU time,
 # and stops it. The server's log goes to a temporary file, printed when
@@ -44,7 +46,8 @@ print(*[s.getsockname()[1] for s in socks])
 WORK=$(mktemp -d /tmp/arqbench.XXXXXX)
 LOG=$WORK/server.log
 "$SERVER" --host 127.0.0.1 --port "$PORT" --telemetry-port "$TPORT" --http-port "$HPORT" \
-  --max-connections 20000 >"$WORK/server.out" 2>"$LOG" &
+  --max-connections 20000 --max-connections-per-ip 20000 --rate-limit-messages 1000000 \
+  --rate-limit-bytes 1GiB >"$WORK/server.out" 2>"$LOG" &
 SPID=$!
 
 stop_server() {

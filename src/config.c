@@ -37,6 +37,7 @@
 #include "store/redis_url.h"
 #include "util/alloc.h"
 #include "util/err.h"
+#include "wire/handshake.h"
 
 #define KIB (UINT64_C(1) << 10)
 #define MIB (UINT64_C(1) << 20)
@@ -124,6 +125,26 @@ static const setting_t settings[] = {
      "how long the server waits for the client to close after its close frame"},
     {"max_connections", T_COUNT, U64(max_connections), 1, 1000000, "10000",
      "most WebSocket connections open at once, all ports together (then 503)"},
+    {"max_connections_per_ip", T_COUNT, U64(max_connections_per_ip), 1, 1000000, "256",
+     "most WebSocket connections on the bus port from one remote address (then 429)"},
+    {"rate_limit_messages", T_COUNT, U64(rate_limit_messages), 1, 1000000, "2000",
+     "messages per second one client may send (commands included), with bursts of up to a second's worth; more get "
+     "rate_limited errors"},
+    {"rate_limit_bytes", T_SIZE, U64(rate_limit_bytes), 1 * KIB, 1 * GIB, "16MiB",
+     "bytes of messages per second one client may send, with bursts of up to a second's worth; more get "
+     "rate_limited errors"},
+    {"rate_limit_close_after", T_COUNT, U64(rate_limit_close_after), 1, 1000000, "100",
+     "rate_limited messages within one second after which a client is closed with 1008"},
+    {"max_subscriptions", T_COUNT, U64(max_subscriptions), 1, 1000000, "256",
+     "channels one client may have joined at once (the initial channel included); more get limit_exceeded"},
+    {"max_channels", T_COUNT, U64(max_channels), 1, 10000000, "10000",
+     "channels that may exist on this node (bootstrap, telemetry and dashboard channels included); more get "
+     "limit_exceeded"},
+    {"max_rooms", T_COUNT, U64(max_rooms), 1, 10000000, "1000",
+     "rooms that may exist on this node; a channel in a new room beyond it gets limit_exceeded"},
+    {"allowed_origins", T_LIST, STR(allowed_origins), 0, 0, "",
+     "Origin values accepted on WebSocket upgrades (scheme://host[:port], or * for any; comma-separated, or a YAML "
+     "list); empty accepts only requests without Origin or from the Host they address; others get 403"},
     {"max_outbound_queue", T_SIZE, U64(max_outbound_queue), 64 * KIB, 1 * GIB, "1MiB",
      "most bytes queued to one client before it is closed as a slow consumer"},
     {"write_timeout", T_DURATION, U64(write_timeout_ms), 1, 60 * MIN, "10s",
@@ -930,6 +951,56 @@ static int apply_env(arq_config_t *c, char **envp, char *err, size_t errcap) {
   return 0;
 }
 
+/* True when the first 'n' bytes of 's' equal an earlier item of the
+ * comma-separated 'items', among the 'count' items before, cut at 'stop'
+ * (':' compares rooms, ',' whole names). */
+static bool seen_before(const char *const *items, size_t count, const char *s, size_t n, char stop) {
+  for (size_t i = 0; i < count; i++)
+    if (strcspn(items[i], stop == ':' ? ":," : ",") == n && memcmp(items[i], s, n) == 0)
+      return true;
+  return false;
+}
+
+/* Counts the distinct channels and rooms that always exist: the bootstrap
+ * channels, the telemetry channel and the dashboard channel (each already
+ * checked as room:channel names). */
+static void count_fixed(const arq_config_t *c, size_t *nchannels, size_t *nrooms) {
+  const char *lists[3] = {c->bootstrap_channels, c->telemetry_channel, c->dashboard_channel};
+  size_t n = 3;
+  for (int k = 0; k < 3; k++)
+    for (const char *p = lists[k]; *p; p++)
+      n += *p == ',';
+  const char **items = arq_calloc(n, sizeof *items);
+  size_t count = 0;
+  *nchannels = *nrooms = 0;
+  for (int k = 0; k < 3; k++) {
+    for (const char *p = lists[k]; *p;) {
+      size_t len = strcspn(p, ",");
+      if (!seen_before(items, count, p, len, ',')) {
+        ++*nchannels;
+        *nrooms += !seen_before(items, count, p, strcspn(p, ":"), ':');
+        items[count++] = p;
+      }
+      p += len + (p[len] == ',');
+    }
+  }
+  arq_free(items);
+}
+
+/* The channels that always exist must fit max_channels and max_rooms. */
+static int check_bootstrap_fits(const arq_config_t *c, char *err, size_t errcap) {
+  size_t nchannels, nrooms;
+  count_fixed(c, &nchannels, &nrooms);
+  if (nchannels > c->max_channels || nrooms > c->max_rooms) {
+    snprintf(err, errcap,
+             "config: the bootstrap, telemetry and dashboard channels (%zu channels in %zu rooms) do not fit "
+             "max_channels %" PRIu64 " and max_rooms %" PRIu64,
+             nchannels, nrooms, c->max_channels, c->max_rooms);
+    return ARQ_EINVAL;
+  }
+  return 0;
+}
+
 /* The checks no single value can make. */
 /* Reads the whole file 'path' (at most 1 MiB) into a new NUL-terminated
  * buffer (caller owns), its length in '*len'. NULL with a message on failure. */
@@ -1060,7 +1131,17 @@ static int check_combination(const arq_config_t *c, char *err, size_t errcap) {
                           "(set heartbeat_interval to 0 to disable pings)");
     return ARQ_EINVAL;
   }
-  return 0;
+  for (const char *p = c->allowed_origins; *p;) {
+    size_t len = strcspn(p, ",");
+    if (!arq_ws_origin_valid(p, len)) {
+      char shown[96];
+      snprintf(err, errcap, "config: invalid item '%s' in allowed_origins: expected scheme://host[:port] (no path), "
+               "null or *", show(shown, sizeof shown, p, len));
+      return ARQ_EINVAL;
+    }
+    p += len + (p[len] == ',');
+  }
+  return check_bootstrap_fits(c, err, errcap);
 }
 
 int arq_config_load(arq_config_t *c, int argc, char **argv, char **envp, arq_config_action_t *action, char *err,

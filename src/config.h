@@ -43,6 +43,14 @@ typedef struct arq_config {
   uint64_t heartbeat_timeout_ms; /* wait for the pong */
   uint64_t close_timeout_ms;     /* wait for the peer's close frame */
   uint64_t max_connections;      /* WebSocket connections, all ports */
+  uint64_t max_connections_per_ip; /* bus WebSocket connections from one address */
+  uint64_t rate_limit_messages;  /* per client, messages per second (bucket: one second's worth) */
+  uint64_t rate_limit_bytes;     /* per client, bytes per second */
+  uint64_t rate_limit_close_after; /* rate_limited messages within a second before a 1008 close */
+  uint64_t max_subscriptions;    /* channels one client may have joined */
+  uint64_t max_channels;         /* channels on this node */
+  uint64_t max_rooms;            /* rooms on this node */
+  char *allowed_origins;         /* comma-separated Origin values, "*", or "" (same origin only) */
   uint64_t max_outbound_queue;   /* bytes queued to one client */
   uint64_t write_timeout_ms;     /* a write that makes no progress */
   uint64_t drain_timeout_ms;     /* graceful shutdown */

@@ -431,6 +431,32 @@ void arq_bus_error(arq_bus_t *b, arq_client_t *c, const char *correlation_id, co
   arq_bus_send_to(b, c, obj, ARQ_MSG_ERROR);
 }
 
+static const char *const limit_names[ARQ_LIMIT_NLIMITS] = {
+    "rate", "rate_close", "subscriptions", "channels", "rooms", "connections_per_ip", "origin",
+};
+
+const char *arq_limit_name(arq_limit_t l) { return (unsigned)l < ARQ_LIMIT_NLIMITS ? limit_names[l] : "?"; }
+
+void arq_bus_limit_error(arq_bus_t *b, arq_client_t *c, const char *correlation_id, const char *command,
+                         arq_limit_t limit, const char *room, const char *channel) {
+  const char *setting = limit == ARQ_LIMIT_SUBSCRIPTIONS ? "max_subscriptions"
+                        : limit == ARQ_LIMIT_ROOMS       ? "max_rooms"
+                                                         : "max_channels";
+  size_t max = limit == ARQ_LIMIT_SUBSCRIPTIONS ? b->o.max_subscriptions
+               : limit == ARQ_LIMIT_ROOMS       ? b->o.max_rooms
+                                                : b->o.max_channels;
+  b->st.limit_denials[limit]++;
+  arq_bus_error(b, c, correlation_id, command, ARQ_CODE_LIMIT_EXCEEDED,
+                json_pack("{s:s, s:I, s:s, s:s}", "limit", setting, "max", (json_int_t)max, "room", room, "channel",
+                          channel),
+                limit == ARQ_LIMIT_SUBSCRIPTIONS
+                    ? "you have joined %zu channels, the most a client may (%s): %s:%s is not joined"
+                : limit == ARQ_LIMIT_ROOMS
+                    ? "%zu rooms exist, the most this server holds (%s): %s:%s is not created"
+                    : "%zu channels exist, the most this server holds (%s): %s:%s is not created",
+                max, setting, room, channel);
+}
+
 /* ---- clients ------------------------------------------------------------ */
 
 const char *arq_client_id(const arq_client_t *c) { return c->id; }
@@ -487,6 +513,16 @@ static void send_welcome(arq_bus_t *b, arq_client_t *c) {
                              (json_int_t)b->o.history_size, "history_max_limit", (json_int_t)b->o.history_max_limit,
                              "max_recipients", (json_int_t)ARQ_ENV_MAX_TO, "max_malformed",
                              (json_int_t)b->o.max_malformed);
+  /* The limits a client can pace itself by; absent when off. */
+  const struct {
+    const char *key;
+    uint64_t v;
+  } opt[] = {{"rate_limit_messages", b->o.rate_messages},
+             {"rate_limit_bytes", b->o.rate_bytes},
+             {"max_subscriptions", b->o.max_subscriptions}};
+  for (size_t i = 0; i < sizeof opt / sizeof opt[0]; i++)
+    if (opt[i].v)
+      json_object_set_new(limits, opt[i].key, json_integer((json_int_t)opt[i].v));
   json_t *payload = json_pack("{s:s, s:s, s:s, s:s, s:s, s:I, s:b, s:o}", "event", "welcome", "client_id", c->id,
                               "client_type", arq_client_type_name(c->type), "server_version", b->o.server_version,
                               "protocol_version", "1.0", "heartbeat_interval_ms",
@@ -527,6 +563,7 @@ arq_client_t *arq_bus_connect(arq_bus_t *b, void *conn, const arq_client_params_
   c->avatar = p->avatar[0] ? arq_strdup(p->avatar) : NULL;
   c->personality = p->personality[0] ? arq_strdup(p->personality) : NULL;
   c->connected_at = c->last_activity = arq_time_wall_ms();
+  arq_rate_init(&c->rate, arq_time_mono_ns());
   if (p->client_id[0]) {
     snprintf(c->id, sizeof c->id, "%s", p->client_id);
     arq_client_t *old = NULL;
@@ -563,10 +600,19 @@ arq_client_t *arq_bus_connect(arq_bus_t *b, void *conn, const arq_client_params_
     snprintf(c->init_room, sizeof c->init_room, "%s", p->room);
     snprintf(c->init_channel, sizeof c->init_channel, "%s", p->channel);
     bool created;
-    arq_channel_t *ch = arq_router_ensure(b, p->room, p->channel, &created);
-    arq_router_join(b, c, ch);
-    send_welcome(b, c);
-    arq_bus_notify(b, ch, c, "client_joined", arq_bus_member_fields(b, c, ch));
+    arq_limit_t denied;
+    arq_channel_t *ch = arq_router_open(b, p->room, p->channel, &created, &denied);
+    if (ch) {
+      arq_router_join(b, c, ch);
+      send_welcome(b, c);
+      arq_bus_notify(b, ch, c, "client_joined", arq_bus_member_fields(b, c, ch));
+    } else {
+      /* Not joined: the welcome lists no subscription, the error says why,
+       * and events without a room have nowhere to go. */
+      c->init_room[0] = c->init_channel[0] = '\0';
+      send_welcome(b, c);
+      arq_bus_limit_error(b, c, NULL, NULL, denied, p->room, p->channel);
+    }
   } else {
     send_welcome(b, c);
   }
@@ -630,14 +676,56 @@ void arq_bus_disconnect(arq_bus_t *b, arq_client_t *c) {
 
 /* ---- receiving and routing ---------------------------------------------- */
 
+/* Disconnects 'c' and has the shell close its connection with 'code' and 'why'. */
+static void close_client(arq_bus_t *b, arq_client_t *c, uint16_t code, const char *why) {
+  void *conn = c->conn;
+  arq_bus_disconnect(b, c);
+  b->io.close(b->io.ud, conn, code, why);
+}
+
 static void malformed(arq_bus_t *b, arq_client_t *c, const arq_env_error_t *err) {
   b->st.received_invalid++;
   arq_bus_error(b, c, err->correlation_id, NULL, err->code, NULL, "%s", err->message);
   if (b->o.max_malformed && ++c->malformed >= b->o.max_malformed && !c->gone) {
     b->st.malformed_closes++;
-    void *conn = c->conn;
-    arq_bus_disconnect(b, c);
-    b->io.close(b->io.ud, conn, 1008, "too many malformed messages");
+    close_client(b, c, 1008, "too many malformed messages");
+  }
+}
+
+/* Answers a message the rate limit refused ('verdict', admitted again in
+ * 'retry_ns') and closes a client that keeps going: rate_close_after refused
+ * messages within one second. The answers are bounded in turn: at most
+ * rate_close_after error envelopes a second reach a client that is not
+ * closed, and a client that does not read them is a slow consumer. Only
+ * refused messages are parsed here, for their id, so that cost is bounded
+ * the same way. */
+static void rate_limited(arq_bus_t *b, arq_client_t *c, const char *data, size_t len, bool binary,
+                         arq_rate_verdict_t verdict, uint64_t retry_ns, uint64_t now_ns) {
+  char id[ARQ_ENV_MAX_ID + 1] = "";
+  b->st.limit_denials[ARQ_LIMIT_RATE]++;
+  if (!binary && len <= b->o.max_envelope_size) {
+    json_t *j = json_loadb(data, len, 0, NULL);
+    const char *s = json_string_value(json_object_get(j, "id"));
+    if (s && arq_env_valid_id(s))
+      snprintf(id, sizeof id, "%s", s);
+    json_decref(j);
+  }
+  uint64_t retry_ms = (retry_ns + 999999) / 1000000;
+  bool bytes = verdict == ARQ_RATE_BYTES;
+  arq_bus_error(b, c, id, NULL, ARQ_CODE_RATE_LIMITED,
+                json_pack("{s:s, s:I, s:I}", "limit", bytes ? "rate_limit_bytes" : "rate_limit_messages", "max",
+                          (json_int_t)(bytes ? b->o.rate_bytes : b->o.rate_messages), "retry_after_ms",
+                          (json_int_t)retry_ms),
+                "over the rate limit of %llu %s per second: the message was dropped; retry after %llu ms",
+                (unsigned long long)(bytes ? b->o.rate_bytes : b->o.rate_messages), bytes ? "bytes" : "messages",
+                (unsigned long long)retry_ms);
+  if (c->rejected == 0 || now_ns >= c->rejected_since + UINT64_C(1000000000)) {
+    c->rejected_since = now_ns;
+    c->rejected = 0;
+  }
+  if (b->o.rate_close_after && ++c->rejected >= b->o.rate_close_after && !c->gone) {
+    b->st.limit_denials[ARQ_LIMIT_RATE_CLOSE]++;
+    close_client(b, c, 1008, ARQ_BUS_RATE_CLOSE_REASON);
   }
 }
 
@@ -707,7 +795,13 @@ static void publish(arq_bus_t *b, arq_channel_t *ch, arq_client_t *c, const char
 
 static void publish_to_channel(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const char *id, json_t *obj) {
   bool created;
-  arq_channel_t *ch = arq_router_ensure(b, e->room, e->channel, &created);
+  arq_limit_t denied;
+  arq_channel_t *ch = arq_router_open(b, e->room, e->channel, &created, &denied);
+  if (!ch) {
+    json_decref(obj);
+    arq_bus_limit_error(b, c, e->id, NULL, denied, e->room, e->channel);
+    return;
+  }
   publish(b, ch, c, id, obj, e->type, e->ack);
 }
 
@@ -839,6 +933,14 @@ void arq_bus_receive_at(arq_bus_t *b, arq_client_t *c, const char *data, size_t 
     return;
   enter(b);
   c->last_activity = arq_time_wall_ms();
+  if (b->o.rate_messages | b->o.rate_bytes) {
+    uint64_t retry;
+    arq_rate_verdict_t v = arq_rate_admit(&c->rate, b->o.rate_messages, b->o.rate_bytes, len, arrival_ns, &retry);
+    if (v != ARQ_RATE_OK) {
+      rate_limited(b, c, data, len, binary, v, retry, arrival_ns);
+      goto out;
+    }
+  }
   arq_env_error_t err = {0};
   arq_env_t e;
   if (binary) {

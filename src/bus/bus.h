@@ -160,9 +160,20 @@ typedef struct arq_bus_opts {
   const char *command_roles;       /* "command=role+role,..." (access.c); NULL: every command open to all */
   const char *protected_rooms;     /* "room=role+role,..."; NULL: none */
   const arq_auth_t *auth;          /* checks in-band credentials (borrowed); NULL: authentication is off */
+  /* Limits (docs/security.md); 0 turns each off. */
+  uint64_t rate_messages;          /* messages per second per client (token bucket, one second's worth) */
+  uint64_t rate_bytes;             /* bytes per second per client */
+  unsigned rate_close_after;       /* rate_limited messages within one second before a 1008 close */
+  size_t max_subscriptions;        /* channels one client may have joined */
+  size_t max_channels;             /* channels on this node */
+  size_t max_rooms;                /* rooms on this node */
 } arq_bus_opts_t;
 
-/* Fills 'o' with the documented defaults (no bootstrap channels, no admins). */
+/* The reason of the close after too many rate_limited messages. */
+#define ARQ_BUS_RATE_CLOSE_REASON "rate limit exceeded"
+
+/* Fills 'o' with the defaults of the library: no bootstrap channels, no
+ * admins and no limits (the server sets the limits from its settings). */
 void arq_bus_opts_defaults(arq_bus_opts_t *o);
 
 /* Returns a new bus (caller owns). 'o' and its strings are copied; 'io' is
@@ -276,6 +287,22 @@ arq_history_t *arq_bus_history_backend(const arq_bus_t *b);
 /* Returns the client's id (borrowed). */
 const char *arq_client_id(const arq_client_t *c);
 
+/* The limits the bus enforces; the label of arqonbus_limit_denials_total
+ * (the network shell adds its own: connections per address, origin). */
+typedef enum {
+  ARQ_LIMIT_RATE = 0,      /* a message refused with rate_limited */
+  ARQ_LIMIT_RATE_CLOSE,    /* a client closed with 1008 for going on */
+  ARQ_LIMIT_SUBSCRIPTIONS, /* join_channel over max_subscriptions */
+  ARQ_LIMIT_CHANNELS,      /* a channel not created: max_channels */
+  ARQ_LIMIT_ROOMS,         /* a channel in a new room not created: max_rooms */
+  ARQ_LIMIT_CONNECTIONS_PER_IP, /* (shell) an upgrade refused with 429 */
+  ARQ_LIMIT_ORIGIN,        /* (shell) an upgrade refused with 403 */
+  ARQ_LIMIT_NLIMITS
+} arq_limit_t;
+
+/* Returns the label value of 'l' ("rate", ...). */
+const char *arq_limit_name(arq_limit_t l);
+
 /* Counters for metrics and status. */
 typedef struct arq_bus_stats {
   uint64_t clients;
@@ -286,6 +313,7 @@ typedef struct arq_bus_stats {
   uint64_t received_invalid;          /* messages that were not valid envelopes */
   uint64_t errors[ARQ_CODE_NCODES];   /* error envelopes sent, by code */
   uint64_t malformed_closes;
+  uint64_t limit_denials[ARQ_LIMIT_NLIMITS]; /* by limit (the shell's two stay 0 here) */
   uint64_t history_messages;
   arq_hist_t routing;                 /* arrival to the last recipient's queue */
   arq_hist_t commands[16];            /* duration, by command (arq_bus_command_name) */

@@ -7,6 +7,7 @@
 #include <uthash.h>
 
 #include "bus/bus.h"
+#include "bus/ratelimit.h"
 #include "util/list.h"
 
 typedef struct arq_room arq_room_t;
@@ -52,6 +53,9 @@ struct arq_client {
   bool gone;
   bool echo;
   unsigned malformed;    /* malformed messages in a row */
+  arq_rate_t rate;       /* rate limit buckets */
+  uint64_t rejected_since; /* start (mono ns) of the second whose rate_limited messages are counted */
+  unsigned rejected;     /* rate_limited messages since then */
   uint64_t connected_at, last_activity; /* wall ms */
   uint64_t msgs_in, msgs_out;
   uint64_t mark;         /* last routing round that reached this client */
@@ -127,6 +131,11 @@ arq_room_t *arq_router_find_room(arq_bus_t *b, const char *room);
 /* Returns the channel, creating it (and its room) when missing; '*created'
  * tells which. */
 arq_channel_t *arq_router_ensure(arq_bus_t *b, const char *room, const char *channel, bool *created);
+/* The same for a client's request: a channel that would take the node over
+ * max_channels, or a new room over max_rooms, is not created; then returns
+ * NULL with the limit in '*denied'. */
+arq_channel_t *arq_router_open(arq_bus_t *b, const char *room, const char *channel, bool *created,
+                               arq_limit_t *denied);
 /* Removes the channel and every membership in it; the caller tells members. */
 void arq_router_remove(arq_bus_t *b, arq_channel_t *ch);
 /* Returns the client's subscription to 'ch', or NULL. */
@@ -166,6 +175,11 @@ void arq_bus_client_unref(arq_client_t *c);
  * is merged into the payload. */
 void arq_bus_error(arq_bus_t *b, arq_client_t *c, const char *correlation_id, const char *command, arq_code_t code,
                    json_t *details, const char *fmt, ...) __attribute__((format(printf, 7, 8)));
+/* Sends 'c' a limit_exceeded error for 'limit' (a subscriptions, channels or
+ * rooms limit) about 'room':'channel', answering 'correlation_id' and
+ * 'command' (both may be NULL), and counts the denial. */
+void arq_bus_limit_error(arq_bus_t *b, arq_client_t *c, const char *correlation_id, const char *command,
+                         arq_limit_t limit, const char *room, const char *channel);
 /* Returns the fields that describe 'c' in a notification about channel 'ch'
  * (caller owns): client_id, client_type, screen_name, members (on every node). */
 json_t *arq_bus_member_fields(const arq_bus_t *b, const arq_client_t *c, const arq_channel_t *ch);

@@ -139,7 +139,12 @@ static void cmd_create(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const 
     return;
   }
   bool created;
-  arq_channel_t *ch = arq_router_ensure(b, t.room, t.channel, &created);
+  arq_limit_t denied;
+  arq_channel_t *ch = arq_router_open(b, t.room, t.channel, &created, &denied);
+  if (!ch) {
+    arq_bus_limit_error(b, c, e->id, cmd->name, denied, t.room, t.channel);
+    return;
+  }
   /* Members of the room's other channels hear of it (once each): the new
    * channel has no members yet. */
   arq_bus_notify_room(b, ch->room, ch, "channel_created", json_pack("{s:s}", "by", c->id));
@@ -177,7 +182,17 @@ static void cmd_join(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cm
   if (!target(b, c, e, cmd, &t, true))
     return;
   bool created;
-  arq_channel_t *ch = arq_router_ensure(b, t.room, t.channel, &created);
+  arq_limit_t denied;
+  arq_channel_t *ch = arq_router_find(b, t.room, t.channel);
+  if (b->o.max_subscriptions && c->nsubs >= b->o.max_subscriptions && !(ch && arq_router_sub(c, ch))) {
+    arq_bus_limit_error(b, c, e->id, cmd->name, ARQ_LIMIT_SUBSCRIPTIONS, t.room, t.channel);
+    return;
+  }
+  ch = arq_router_open(b, t.room, t.channel, &created, &denied);
+  if (!ch) {
+    arq_bus_limit_error(b, c, e->id, cmd->name, denied, t.room, t.channel);
+    return;
+  }
   bool joined = arq_router_join(b, c, ch);
   if (joined)
     arq_bus_notify(b, ch, c, "client_joined", arq_bus_member_fields(b, c, ch));

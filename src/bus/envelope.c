@@ -22,7 +22,7 @@ static const char *const code_names[ARQ_CODE_NCODES] = {
     "invalid_json",      "invalid_envelope", "unsupported_version", "unknown_type",
     "unsupported_frame", "payload_too_large", "unknown_command",    "invalid_argument",
     "not_found",         "already_exists",    "forbidden",          "internal_error",
-    "storage_unavailable", "unauthorized",
+    "storage_unavailable", "unauthorized",     "rate_limited",      "limit_exceeded",
 };
 
 const char *arq_msg_type_name(arq_msg_type_t t) { return (unsigned)t < ARQ_MSG_NTYPES ? type_names[t] : "?"; }

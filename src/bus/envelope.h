@@ -57,6 +57,8 @@ typedef enum {
   ARQ_CODE_INTERNAL,
   ARQ_CODE_STORAGE_UNAVAILABLE, /* Redis cannot take the message (strict mode, or the outage buffer is full) */
   ARQ_CODE_UNAUTHORIZED,      /* an in-band credential was refused */
+  ARQ_CODE_RATE_LIMITED,      /* the client sends faster than its rate limit */
+  ARQ_CODE_LIMIT_EXCEEDED,    /* a subscriptions, channels or rooms limit */
   ARQ_CODE_NCODES
 } arq_code_t;
 

@@ -34,6 +34,11 @@ static int bad(char *err, size_t cap, const char *fmt, ...) {
   va_start(ap, fmt);
   vsnprintf(err, cap, fmt, ap);
   va_end(ap);
+  /* It becomes the one-line body of a 400: what it quotes of the request
+   * may hold any byte. */
+  for (char *p = err; cap > 0 && *p; p++)
+    if ((unsigned char)*p < 0x20 || *p == 0x7f)
+      *p = '?';
   return ARQ_EINVAL;
 }
 

@@ -60,6 +60,22 @@ arq_channel_t *arq_router_ensure(arq_bus_t *b, const char *room, const char *cha
   return ch;
 }
 
+arq_channel_t *arq_router_open(arq_bus_t *b, const char *room, const char *channel, bool *created,
+                               arq_limit_t *denied) {
+  arq_channel_t *ch = arq_router_find(b, room, channel);
+  if (!ch) {
+    if (b->o.max_channels && HASH_COUNT(b->channels) >= b->o.max_channels) {
+      *denied = ARQ_LIMIT_CHANNELS;
+      return NULL;
+    }
+    if (b->o.max_rooms && HASH_COUNT(b->rooms) >= b->o.max_rooms && !arq_router_find_room(b, room)) {
+      *denied = ARQ_LIMIT_ROOMS;
+      return NULL;
+    }
+  }
+  return arq_router_ensure(b, room, channel, created);
+}
+
 static void drop_sub(arq_sub_t *s) {
   arq_client_t *c = s->client;
   for (size_t i = 0; i < c->nsubs; i++) {

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <uthash.h>
 
 #include "net/telemetry.h"
 #include "net/tls.h"
@@ -34,6 +35,58 @@
 static const char *const port_names[ARQ_PORT_COUNT] = {"bus", "telemetry", "ops"};
 
 static uint64_t now_ms(const arq_conn_t *c) { return uv_now(c->srv->loop); }
+
+/* ---- connections per remote address -------------------------------------- */
+
+/* Open bus WebSocket connections from one address (max_connections_per_ip).
+ * An entry exists while its count is above 0. */
+typedef struct arq_addr_count {
+  char addr[INET6_ADDRSTRLEN];
+  size_t n;
+  UT_hash_handle hh;
+} arq_addr_count_t;
+
+static arq_addr_count_t *addr_entry(arq_server_t *srv, const char *addr) {
+  arq_addr_count_t *e = NULL;
+  HASH_FIND_STR(srv->per_addr, addr, e);
+  return e;
+}
+
+static size_t addr_count(arq_server_t *srv, const char *addr) {
+  arq_addr_count_t *e = addr_entry(srv, addr);
+  return e ? e->n : 0;
+}
+
+static void addr_add(arq_conn_t *c) {
+  arq_server_t *srv = c->srv;
+  arq_addr_count_t *e = addr_entry(srv, c->addr);
+  if (!e) {
+    e = arq_calloc(1, sizeof *e);
+    memcpy(e->addr, c->addr, sizeof e->addr);
+    HASH_ADD_STR(srv->per_addr, addr, e);
+  }
+  e->n++;
+  c->addr_counted = true;
+}
+
+static void addr_remove(arq_conn_t *c) {
+  if (!c->addr_counted)
+    return;
+  c->addr_counted = false;
+  arq_addr_count_t *e = addr_entry(c->srv, c->addr);
+  if (e && --e->n == 0) {
+    HASH_DEL(c->srv->per_addr, e);
+    arq_free(e);
+  }
+}
+
+void arq_conn_free_addr_counts(arq_server_t *srv) {
+  arq_addr_count_t *e, *tmp;
+  HASH_ITER(hh, srv->per_addr, e, tmp) {
+    HASH_DEL(srv->per_addr, e);
+    arq_free(e);
+  }
+}
 
 static void unlink_all_timers(arq_conn_t *c) {
   arq_list_remove(&c->node_deadline);
@@ -86,6 +139,7 @@ void arq_conn_destroy(arq_conn_t *c, arq_close_reason_t reason) {
   arq_list_remove(&c->node_open);
   arq_list_remove(&c->node_flush);
   arq_list_remove(&c->node_all);
+  addr_remove(c);
   if (c->opened) {
     srv->nws--;
     srv->metrics.connections--;
@@ -626,10 +680,29 @@ static void open_websocket(arq_conn_t *c) {
     c->ping_at = now_ms(c);
     arq_list_push_back(&srv->ping_due, &c->node_ping);
   }
-  if (c->kind == ARQ_PORT_BUS)
+  if (c->kind == ARQ_PORT_BUS) {
     arq_list_push_back(&srv->bus_open, &c->node_open);
+    addr_add(c);
+  }
   arq_log(ARQ_LOG_INFO, "net", "client connected", ARQ_LI("conn", c->id), ARQ_LS("remote", c->remote),
           ARQ_LS("port", port_names[c->kind]));
+}
+
+/* Copies the header value 'v' for a log line: control bytes become '?',
+ * and a long value is cut. */
+static const char *show_value(char *buf, size_t cap, arq_slice_t v) {
+  size_t n = v.p ? v.n : 0, o = 0;
+  for (; o < n && o + 1 < cap; o++)
+    buf[o] = (unsigned char)v.p[o] < 0x20 || v.p[o] == 0x7f ? '?' : v.p[o];
+  buf[o] = '\0';
+  return buf;
+}
+
+/* Counts and logs an upgrade refused by 'limit'; 'key' = 'value' says what. */
+static void deny(arq_conn_t *c, arq_limit_t limit, const char *key, const char *value) {
+  c->srv->metrics.limit_denials[limit]++;
+  arq_log(ARQ_LOG_WARN, "net", "upgrade denied by a limit", ARQ_LI("conn", c->id), ARQ_LS("remote", c->remote),
+          ARQ_LS("port", port_names[c->kind]), ARQ_LS("limit", arq_limit_name(limit)), ARQ_LS(key, value));
 }
 
 static void read_handshake(arq_conn_t *c, uint8_t *data, size_t n) {
@@ -662,8 +735,20 @@ static void read_handshake(arq_conn_t *c, uint8_t *data, size_t n) {
     refuse_upgrade(c, 503, "the server is shutting down");
     return;
   }
+  arq_slice_t origin = arq_http_req_header(c->req, "Origin"), host = arq_http_req_header(c->req, "Host");
+  if (!arq_ws_origin_allowed(origin.p, origin.n, host.p, host.n, srv->cfg->allowed_origins)) {
+    char shown[128];
+    deny(c, ARQ_LIMIT_ORIGIN, "origin", show_value(shown, sizeof shown, origin));
+    refuse_upgrade(c, 403, "this Origin is not allowed to connect (allowed_origins)");
+    return;
+  }
   if (srv->nws >= srv->cfg->max_connections) {
     refuse_upgrade(c, 503, "connection limit reached");
+    return;
+  }
+  if (c->kind == ARQ_PORT_BUS && addr_count(srv, c->addr) >= srv->cfg->max_connections_per_ip) {
+    deny(c, ARQ_LIMIT_CONNECTIONS_PER_IP, "addr", c->addr);
+    refuse_upgrade(c, 429, "too many connections from this address (max_connections_per_ip)");
     return;
   }
   arq_client_params_t params;
@@ -820,6 +905,7 @@ static void format_peer(arq_conn_t *c) {
     }
   }
   snprintf(c->remote, sizeof c->remote, "%s:%d", ip, port);
+  snprintf(c->addr, sizeof c->addr, "%s", ip);
 }
 
 static void on_reject_closed(uv_handle_t *h) { arq_free(h); }

@@ -48,6 +48,7 @@ struct arq_conn {
   bool input_done;         /* ignore what the peer sends from now on */
   bool awaiting_pong;
   bool opened;             /* counted as an open WebSocket */
+  bool addr_counted;       /* counted in the server's per-address table */
   uint8_t reason;          /* arq_close_reason_t, set when closing starts */
   uint32_t tel_mask;       /* telemetry port: the event kinds wanted */
   unsigned inflight;       /* queue entries in the write in flight */
@@ -71,7 +72,11 @@ struct arq_conn {
   arq_list_t node_write;
   arq_list_t node_flush;
   char remote[INET6_ADDRSTRLEN + 8];
+  char addr[INET6_ADDRSTRLEN]; /* the remote address alone, the key of max_connections_per_ip */
 };
+
+/* Releases the per-address table of 'srv' (at the end, when it is empty). */
+void arq_conn_free_addr_counts(arq_server_t *srv);
 
 /* Accepts a pending connection on 'l'. Never fails the server: a connection
  * that cannot be taken is closed and logged. */

@@ -74,9 +74,10 @@ static void bus_close(void *ud, void *conn, uint16_t code, const char *why) {
   arq_conn_t *c = conn;
   arq_conn_forget_client(c);
   arq_conn_close(c, code, why,
-                 code == 4001                      ? ARQ_CLOSE_REPLACED
-                 : code == ARQ_CLOSE_TOKEN_EXPIRED ? ARQ_CLOSE_EXPIRED
-                                                   : ARQ_CLOSE_MALFORMED);
+                 code == 4001                                  ? ARQ_CLOSE_REPLACED
+                 : code == ARQ_CLOSE_TOKEN_EXPIRED             ? ARQ_CLOSE_EXPIRED
+                 : strcmp(why, ARQ_BUS_RATE_CLOSE_REASON) == 0 ? ARQ_CLOSE_RATE_LIMITED
+                                                               : ARQ_CLOSE_MALFORMED);
 }
 
 static void bus_denied(void *ud, const char *client_id, const char *remote, const char *action, const char *why) {
@@ -119,6 +120,12 @@ static arq_bus_t *make_bus(arq_server_t *srv, char *err, size_t cap) {
   o.history_max_limit = cfg->history_max_limit;
   o.max_malformed = (unsigned)cfg->max_malformed;
   o.channel_ttl_ms = cfg->channel_ttl_ms;
+  o.rate_messages = cfg->rate_limit_messages;
+  o.rate_bytes = cfg->rate_limit_bytes;
+  o.rate_close_after = (unsigned)cfg->rate_limit_close_after;
+  o.max_subscriptions = cfg->max_subscriptions;
+  o.max_channels = cfg->max_channels;
+  o.max_rooms = cfg->max_rooms;
   char **bootstrap = split_names(cfg->bootstrap_channels);
   char **admins = split_names(cfg->admins);
   o.bootstrap = (const char *const *)bootstrap;
@@ -502,6 +509,7 @@ void arq_server_close(arq_server_t *srv) {
 }
 
 void arq_server_free(arq_server_t *srv) {
+  arq_conn_free_addr_counts(srv);
   arq_bus_free(srv->bus);
   srv->bus = NULL;
   arq_cluster_free(srv->cluster);

@@ -73,6 +73,7 @@ struct arq_server {
   size_t npending;         /* of them, still in the handshake */
   size_t nws;              /* WebSocket connections past the handshake */
   size_t max_pending;
+  struct arq_addr_count *per_addr; /* bus WebSocket connections by remote address (net/conn.c) */
   bool draining;
   bool stopped;
   uint8_t rbuf[ARQ_READ_BUF_SIZE]; /* the one read buffer, shared by every connection */

@@ -31,10 +31,17 @@ int arq_telemetry_parse_query(const char *q, size_t n, uint32_t *mask, char *err
       for (char *item = strtok_r(value, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
         int ev = arq_tel_parse(item, strlen(item));
         if (ev < 0) {
+          for (char *c = item; *c; c++) /* the one-line body of a 400 */
+            if ((unsigned char)*c < 0x20 || *c == 0x7f)
+              *c = '?';
           snprintf(err, errcap, "query parameter events: unknown event type \"%.64s\"", item);
           return ARQ_EINVAL;
         }
         *mask |= 1u << ev;
+      }
+      if (*mask == 0) { /* "events=," names nothing: a monitor that could never hear anything */
+        snprintf(err, errcap, "query parameter events must name at least one event type");
+        return ARQ_EINVAL;
       }
     }
     q = amp ? amp + 1 : end;

@@ -13,10 +13,10 @@
 static const char *const close_reason_names[ARQ_CLOSE_REASON_COUNT] = {
     "normal",           "shutdown",          "protocol_error", "slow_consumer", "heartbeat_timeout",
     "handshake_failed", "handshake_timeout", "peer_gone",      "io_error",      "replaced",
-    "malformed",        "token_expired",
+    "malformed",        "token_expired",     "rate_limited",
 };
 static const uint16_t protocol_codes[3] = {1002, 1007, 1009};
-static const int handshake_statuses[8] = {400, 405, 426, 431, 503, 408, 401, 403};
+static const int handshake_statuses[9] = {400, 405, 426, 431, 503, 408, 401, 403, 429};
 static const char *const auth_results[3] = {"ok", "missing", "refused"};
 
 const char *arq_close_reason_name(arq_close_reason_t reason) {
@@ -30,7 +30,7 @@ void arq_metrics_protocol_error(arq_metrics_t *m, uint16_t code) {
 }
 
 void arq_metrics_handshake_error(arq_metrics_t *m, int status) {
-  for (int i = 0; i < 8; i++)
+  for (int i = 0; i < 9; i++)
     if (handshake_statuses[i] == status)
       m->handshake_errors[i]++;
 }
@@ -119,7 +119,7 @@ size_t arq_metrics_render(const arq_metrics_t *m, const arq_bus_stats_t *bus, co
     emit(&o, "arqonbus_protocol_errors_total{code=\"%u\"} %llu\n", protocol_codes[i],
          (unsigned long long)m->protocol_errors[i]);
   header(&o, "arqonbus_handshake_errors_total", "counter", "Refused WebSocket handshakes, by HTTP status.");
-  for (int i = 0; i < 8; i++)
+  for (int i = 0; i < 9; i++)
     emit(&o, "arqonbus_handshake_errors_total{status=\"%d\"} %llu\n", handshake_statuses[i],
          (unsigned long long)m->handshake_errors[i]);
   header(&o, "arqonbus_auth_total", "counter",
@@ -161,6 +161,12 @@ size_t arq_metrics_render(const arq_metrics_t *m, const arq_bus_stats_t *bus, co
          (unsigned long long)bus->errors[c]);
   series(&o, "arqonbus_malformed_closes_total", "counter",
          "Clients closed after too many malformed envelopes in a row.", bus->malformed_closes);
+  header(&o, "arqonbus_limit_denials_total", "counter",
+         "Requests refused by a limit, by limit (rate, rate_close, subscriptions, channels, rooms, "
+         "connections_per_ip, origin).");
+  for (int l = 0; l < ARQ_LIMIT_NLIMITS; l++)
+    emit(&o, "arqonbus_limit_denials_total{limit=\"%s\"} %llu\n", arq_limit_name((arq_limit_t)l),
+         (unsigned long long)(bus->limit_denials[l] + m->limit_denials[l]));
   header(&o, "arqonbus_routing_latency_seconds", "histogram",
          "Time from a message's arrival to its last recipient's queue (events, private, telemetry).");
   histogram(&o, "arqonbus_routing_latency_seconds", "", &bus->routing);

@@ -29,6 +29,7 @@ typedef enum {
   ARQ_CLOSE_REPLACED,          /* 4001: a newer connection took the client id */
   ARQ_CLOSE_MALFORMED,         /* 1008: too many malformed envelopes in a row */
   ARQ_CLOSE_EXPIRED,           /* 4002: the credential expired without a refresh */
+  ARQ_CLOSE_RATE_LIMITED,      /* 1008: kept sending over the rate limit */
   ARQ_CLOSE_REASON_COUNT
 } arq_close_reason_t;
 
@@ -38,10 +39,11 @@ typedef struct arq_metrics {
   uint64_t connections_opened;         /* WebSocket handshakes completed */
   uint64_t connections_closed[ARQ_CLOSE_REASON_COUNT];
   uint64_t protocol_errors[3];         /* by close code 1002, 1007, 1009 */
-  uint64_t handshake_errors[8];        /* by status 400, 405, 426, 431, 503, 408, 401, 403 */
+  uint64_t handshake_errors[9];        /* by status 400, 405, 426, 431, 503, 408, 401, 403, 429 */
   uint64_t auth[3];                    /* bus and telemetry upgrades, by arq_auth_result_t */
   uint64_t forbidden_connect;          /* upgrades refused with 403 */
   uint64_t auth_reloads[2];            /* credentials read again on SIGHUP: ok, failed */
+  uint64_t limit_denials[ARQ_LIMIT_NLIMITS]; /* the shell's: connections per address, origin */
   uint64_t slow_consumer_closes;
   bool tls;                            /* TLS is on: its families are exposed */
   uint64_t tls_handshake_errors;       /* TLS handshakes that failed (any port) */

@@ -145,14 +145,16 @@ def test_the_welcome(make_server):
         "event": "welcome", "client_id": "ada", "client_type": "dashboard", "server_version": version,
         "protocol_version": "1.0", "heartbeat_interval_ms": 7000, "echo": False,
         "limits": {"max_message_size": 262144, "max_envelope_size": 65536, "history_size": 20,
-                   "history_max_limit": 10, "max_recipients": 100, "max_malformed": 4},
+                   "history_max_limit": 10, "max_recipients": 100, "max_malformed": 4,
+                   "rate_limit_messages": 2000, "rate_limit_bytes": 16777216, "max_subscriptions": 256},
         "subscriptions": ["lab:bench"], "roles": ["admin", "user"]}
 
     d = Bus(make_server().port)
     assert welcome_of(d)["heartbeat_interval_ms"] == 25000
     assert welcome_of(d)["limits"] == {"max_message_size": 1048576, "max_envelope_size": 524288,
                                        "history_size": 500, "history_max_limit": 500, "max_recipients": 100,
-                                       "max_malformed": 10}
+                                       "max_malformed": 10, "rate_limit_messages": 2000,
+                                       "rate_limit_bytes": 16777216, "max_subscriptions": 256}
 
 
 LONG = "x" * 65

@@ -40,7 +40,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MSG_TYPES = ["event", "system", "command", "private", "telemetry", "error"]
 ERROR_CODES = ["invalid_json", "invalid_envelope", "unsupported_version", "unknown_type", "unsupported_frame",
                "payload_too_large", "unknown_command", "invalid_argument", "not_found", "already_exists", "forbidden",
-               "internal_error", "storage_unavailable", "unauthorized"]
+               "internal_error", "storage_unavailable", "unauthorized", "rate_limited", "limit_exceeded"]
 COMMANDS = ["status", "create_channel", "delete_channel", "join_channel", "leave_channel", "list_channels",
             "channel_info", "ping", "history", "help", "authenticate"]
 
@@ -59,6 +59,7 @@ FAMILIES = {
     "arqonbus_messages_delivered_total": ("counter", {"type"}),
     "arqonbus_errors_total": ("counter", {"code"}),
     "arqonbus_malformed_closes_total": ("counter", set()),
+    "arqonbus_limit_denials_total": ("counter", {"limit"}),
     "arqonbus_routing_latency_seconds": ("histogram", set()),
     "arqonbus_command_duration_seconds": ("histogram", {"command"}),
     "arqonbus_clients": ("gauge", set()),
@@ -334,7 +335,7 @@ def test_connection_counters_and_gauges(server):
         closed['arqonbus_connections_closed_total{reason="io_error"}'] == 1, closed
     assert family_deltas(m2, m0, "arqonbus_handshake_errors_total{") == {
         'arqonbus_handshake_errors_total{status="%s"}' % s: (1 if s == "400" else 0)
-        for s in ("400", "401", "403", "405", "408", "426", "431", "503")}
+        for s in ("400", "401", "403", "405", "408", "426", "429", "431", "503")}
     for x in buses[1:] + mons[1:]:
         x.close()
     server.wait_metric("arqonbus_connections", lambda v: v == m0["arqonbus_connections"])

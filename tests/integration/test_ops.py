@@ -31,7 +31,7 @@ PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 ENVELOPE_TYPES = {"event", "system", "command", "private", "telemetry", "error"}
 ERROR_CODES = {"invalid_json", "invalid_envelope", "unsupported_version", "unknown_type", "unsupported_frame",
                "payload_too_large", "unknown_command", "invalid_argument", "not_found", "already_exists", "forbidden",
-               "internal_error", "storage_unavailable", "unauthorized"}
+               "internal_error", "storage_unavailable", "unauthorized", "rate_limited", "limit_exceeded"}
 COMMANDS = {"status", "create_channel", "delete_channel", "join_channel", "leave_channel", "list_channels",
             "channel_info", "ping", "history", "help", "authenticate"}
 
@@ -42,9 +42,9 @@ FAMILIES = {
     "arqonbus_connections_opened_total": ("counter", None),
     "arqonbus_connections_closed_total": ("counter", ("reason", {
         "normal", "shutdown", "protocol_error", "slow_consumer", "heartbeat_timeout", "handshake_failed",
-        "handshake_timeout", "peer_gone", "io_error", "replaced", "malformed", "token_expired"})),
+        "handshake_timeout", "peer_gone", "io_error", "replaced", "malformed", "token_expired", "rate_limited"})),
     "arqonbus_protocol_errors_total": ("counter", ("code", {"1002", "1007", "1009"})),
-    "arqonbus_handshake_errors_total": ("counter", ("status", {"400", "401", "403", "405", "408", "426", "431",
+    "arqonbus_handshake_errors_total": ("counter", ("status", {"400", "401", "403", "405", "408", "426", "429", "431",
                                                                "503"})),
     "arqonbus_auth_total": ("counter", ("result", {"ok", "missing", "refused"})),
     "arqonbus_auth_reloads_total": ("counter", ("result", {"ok", "failed"})),
@@ -54,6 +54,8 @@ FAMILIES = {
     "arqonbus_messages_delivered_total": ("counter", ("type", ENVELOPE_TYPES)),
     "arqonbus_errors_total": ("counter", ("code", ERROR_CODES)),
     "arqonbus_malformed_closes_total": ("counter", None),
+    "arqonbus_limit_denials_total": ("counter", ("limit", {
+        "rate", "rate_close", "subscriptions", "channels", "rooms", "connections_per_ip", "origin"})),
     "arqonbus_routing_latency_seconds": ("histogram", None),
     "arqonbus_command_duration_seconds": ("histogram", ("command", COMMANDS)),
     "arqonbus_clients": ("gauge", None),

@@ -674,14 +674,15 @@ def test_events_query_selects_what_a_monitor_gets(server):
 def test_unknown_event_type_refuses_the_upgrade(server):
     before = server.metrics()
     for query, bad in (("events=client_connected,bogus", "bogus"), ("events=Stats", "Stats"),
-                       ("events=client_connected%2Cnope", "nope")):
+                       ("events=client_connected%2Cnope", "nope"), ("events=,", "at least one"),
+                       ("events=stats,a%0Ab", 'type "a?b"')):
         status, headers, body = refused(server.telemetry_port, "/?" + query)
         assert status == 400, (query, status, body)
         assert bad.encode() in body, (query, body)
         assert headers.get("connection", "").lower() == "close"
     after = server.metrics()
     assert after['arqonbus_handshake_errors_total{status="400"}'] == \
-        before['arqonbus_handshake_errors_total{status="400"}'] + 3
+        before['arqonbus_handshake_errors_total{status="400"}'] + 5
     assert after["arqonbus_telemetry_clients"] == 0
     # The bus port does not read 'events' at all.
     with Bus(server.port, timeout=TIMEOUT, events="bogus") as bus:

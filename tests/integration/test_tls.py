@@ -206,7 +206,7 @@ def test_ops_port_answers_https(make_server, certdir):
     plain = make_server()
     assert not any(k.startswith("arqonbus_tls_") for k in plain.metrics())
     plain.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "nothing to reload" in plain.log(), "the SIGHUP log line")
+    wait_for(lambda: "no certificate to reload" in plain.log(), "the SIGHUP log line")
     assert plain.http("/health")[0] == 200
 
 

@@ -3369,6 +3369,142 @@ static void test_params_long_room_channel(void **state) {
   assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 }
 
+/* ---- limits ---- */
+
+static void test_rate_limit_answers_then_closes(void **state) {
+  world_t *w = *state;
+  arq_bus_opts_t o = opts();
+  o.rate_messages = 3;
+  o.rate_bytes = 1000;
+  o.rate_close_after = 4;
+  start(w, &o);
+  conn_t *a = connect_q(w, "client_id=alice&channel=science:general");
+  conn_t *b = connect_q(w, "client_id=bob&channel=science:general");
+  drain(a);
+  drain(b);
+  uint64_t t0 = arq_time_mono_ns() + 1000000000u; /* the buckets are full by then */
+  for (int i = 0; i < 3; i++) {
+    say_at(a, "{'type':'event','payload':{}}", t0);
+    expect_event(b, "alice");
+  }
+  /* The fourth in the same instant: not routed, answered with when to retry. */
+  say_at(a, "{'type':'command','command':'ping','id':'arq_late'}", t0);
+  json_t *m = expect_error(a, "rate_limited", "arq_late");
+  expect_str(m, "payload.limit", "rate_limit_messages");
+  assert_int_equal(jint(m, "payload.max"), 3);
+  assert_int_equal(jint(m, "payload.retry_after_ms"), 334);
+  none(a);
+  none(b);
+  /* A third of a second later one more passes: the limit is a rate. */
+  say_at(a, "{'type':'event','payload':{}}", t0 + 333333334);
+  expect_event(b, "alice");
+  /* The byte bucket: 1000 bytes a second, and a second's quiet fills it. */
+  char big[900];
+  memset(big, ' ', sizeof big);
+  memcpy(big, "{\"type\":\"event\"}", 16);
+  arq_bus_receive_at(w->bus, a->client, big, sizeof big, false, t0 + 2000000000u);
+  expect_event(b, "alice");
+  arq_bus_receive_at(w->bus, a->client, big, sizeof big, false, t0 + 2000000000u);
+  m = expect_error(a, "rate_limited", NULL);
+  expect_str(m, "payload.limit", "rate_limit_bytes");
+  /* Binary frames count too, and are answered the same way (not as
+   * malformed). Four refusals within a second close with 1008. */
+  arq_bus_receive_at(w->bus, a->client, big, 200, true, t0 + 2000000000u);
+  expect_error(a, "rate_limited", NULL);
+  arq_bus_receive_at(w->bus, a->client, big, 150, false, t0 + 2000000000u);
+  expect_error(a, "rate_limited", NULL);
+  assert_false(a->closed);
+  arq_bus_receive_at(w->bus, a->client, big, 150, false, t0 + 2000000000u);
+  expect_error(a, "rate_limited", NULL);
+  assert_true(a->closed);
+  assert_int_equal(a->close_code, 1008);
+  assert_string_equal(a->why, ARQ_BUS_RATE_CLOSE_REASON);
+  expect_note(b, "client_left");
+  none(b);
+  arq_bus_stats_t st;
+  arq_bus_stats(w->bus, &st);
+  assert_int_equal(st.limit_denials[ARQ_LIMIT_RATE], 5);
+  assert_int_equal(st.limit_denials[ARQ_LIMIT_RATE_CLOSE], 1);
+  assert_int_equal(st.errors[ARQ_CODE_RATE_LIMITED], 5);
+  assert_int_equal(st.received_invalid, 0);
+}
+
+static void test_rate_limit_refusals_spread_out_do_not_close(void **state) {
+  world_t *w = *state;
+  arq_bus_opts_t o = opts();
+  o.rate_messages = 1;
+  o.rate_close_after = 2;
+  start(w, &o);
+  conn_t *a = connect_q(w, "client_id=alice&channel=science:general");
+  drain(a);
+  uint64_t t = arq_time_mono_ns() + 1000000000u;
+  /* One refusal a second, for ten seconds: never two within a second. */
+  for (int i = 0; i < 10; i++, t += 1000000001u) {
+    say_at(a, "{'type':'command','command':'ping','id':'arq_p'}", t);
+    expect_reply(a, "pong", "arq_p");
+    say_at(a, "{'type':'command','command':'ping','id':'arq_q'}", t);
+    expect_error(a, "rate_limited", "arq_q");
+  }
+  assert_false(a->closed);
+}
+
+static void test_limit_exceeded(void **state) {
+  world_t *w = *state;
+  arq_bus_opts_t o = opts();
+  o.max_subscriptions = 2;
+  o.max_channels = 4; /* the two bootstrap channels and two more */
+  o.max_rooms = 2;    /* science and one more */
+  start(w, &o);
+  conn_t *a = connect_q(w, "client_id=alice&channel=science:general");
+  conn_t *b = connect_q(w, "client_id=bob");
+  drain(a);
+  drain(b);
+  say(a, "{'type':'command','command':'join_channel','room':'lab','channel':'one','id':'arq_j1'}");
+  expect_reply(a, "join_channel", "arq_j1");
+  say(a, "{'type':'command','command':'join_channel','room':'lab','channel':'two','id':'arq_j2'}");
+  json_t *m = expect_error(a, "limit_exceeded", "arq_j2");
+  expect_str(m, "payload.limit", "max_subscriptions");
+  assert_int_equal(jint(m, "payload.max"), 2);
+  expect_str(m, "command", "join_channel");
+  /* Joining again what it has is no new subscription. */
+  say(a, "{'type':'command','command':'join_channel','room':'lab','channel':'one','id':'arq_j3'}");
+  expect_reply(a, "join_channel", "arq_j3");
+  /* Rooms: lab exists, a third room does not fit. */
+  say(b, "{'type':'command','command':'create_channel','room':'other','channel':'x','id':'arq_c1'}");
+  m = expect_error(b, "limit_exceeded", "arq_c1");
+  expect_str(m, "payload.limit", "max_rooms");
+  expect_str(m, "payload.room", "other");
+  /* Channels: one more fits (4), then none; an event that would create one
+   * is refused too, and the initial channel of a new client. */
+  say(b, "{'type':'command','command':'create_channel','room':'lab','channel':'two','id':'arq_c2'}");
+  expect_reply(b, "create_channel", "arq_c2");
+  say(b, "{'type':'command','command':'join_channel','room':'lab','channel':'three','id':'arq_c3'}");
+  m = expect_error(b, "limit_exceeded", "arq_c3");
+  expect_str(m, "payload.limit", "max_channels");
+  assert_int_equal(jint(m, "payload.max"), 4);
+  say(b, "{'type':'event','room':'lab','channel':'four','id':'arq_e1'}");
+  expect_error(b, "limit_exceeded", "arq_e1");
+  conn_t *c = connect_q(w, "client_id=carol&channel=lab:five");
+  m = next(c);
+  expect_str(m, "payload.event", "welcome");
+  assert_int_equal(json_array_size(jget(m, "payload.subscriptions")), 0);
+  m = expect_error(c, "limit_exceeded", NULL);
+  expect_str(m, "payload.channel", "five");
+  /* Without the initial channel, an event without a room has nowhere to go. */
+  say(c, "{'type':'event'}");
+  expect_error(c, "invalid_envelope", NULL);
+  /* Existing channels still work for everyone. */
+  drain(a);
+  say(b, "{'type':'event','room':'science','channel':'general','id':'arq_e2'}");
+  expect_event(a, "bob");
+  arq_bus_stats_t st;
+  arq_bus_stats(w->bus, &st);
+  assert_int_equal(st.limit_denials[ARQ_LIMIT_SUBSCRIPTIONS], 1);
+  assert_int_equal(st.limit_denials[ARQ_LIMIT_ROOMS], 1);
+  assert_int_equal(st.limit_denials[ARQ_LIMIT_CHANNELS], 3);
+  assert_int_equal(st.channels, 4);
+}
+
 int main(void) {
 #define T(f) cmocka_unit_test_setup_teardown(f, setup, teardown)
   const struct CMUnitTest tests[] = {
@@ -3427,6 +3563,9 @@ int main(void) {
       T(test_http_history),
       T(test_http_history_answered_later),
       T(test_history_command_answered_later),
+      T(test_rate_limit_answers_then_closes),
+      T(test_rate_limit_refusals_spread_out_do_not_close),
+      T(test_limit_exceeded),
       cmocka_unit_test(test_bus_new_rejects_bad_names),
       cmocka_unit_test(test_params_ok),
       cmocka_unit_test(test_params_errors),

@@ -141,6 +141,14 @@ static void assert_defaults(const arq_config_t *c) {
   assert_int_equal(c->heartbeat_timeout_ms, 10000);
   assert_int_equal(c->close_timeout_ms, 2000);
   assert_int_equal(c->max_connections, 10000);
+  assert_int_equal(c->max_connections_per_ip, 256);
+  assert_int_equal(c->rate_limit_messages, 2000);
+  assert_int_equal(c->rate_limit_bytes, 16 * MIB);
+  assert_int_equal(c->rate_limit_close_after, 100);
+  assert_int_equal(c->max_subscriptions, 256);
+  assert_int_equal(c->max_channels, 10000);
+  assert_int_equal(c->max_rooms, 1000);
+  assert_string_equal(c->allowed_origins, "");
   assert_int_equal(c->max_outbound_queue, 1 * MIB);
   assert_int_equal(c->write_timeout_ms, 10000);
   assert_int_equal(c->drain_timeout_ms, 5000);
@@ -654,6 +662,45 @@ static void test_tls_settings(void **state) {
   }
 }
 
+static void test_fixed_channels_must_fit(void **state) {
+  loaded_t r;
+  /* Duplicates count once, and rooms are counted apart from channels. */
+  char *fixed[] = {"--bootstrap-channels", "a:x,a:x,b:y,a:z", "--telemetry-channel", "b:y", "--dashboard-channel",
+                   "c:w"};
+  load_ok(&r, ARGV(fixed[0], fixed[1], fixed[2], fixed[3], fixed[4], fixed[5], "--max-channels", "4", "--max-rooms",
+                   "3"),
+          NOENV);
+  arq_config_free(&r.cfg);
+  assert_string_equal(load_err(&r, ARGV(fixed[0], fixed[1], fixed[2], fixed[3], fixed[4], fixed[5], "--max-channels",
+                                        "3"),
+                               NOENV),
+                      "config: the bootstrap, telemetry and dashboard channels (4 channels in 3 rooms) do not fit "
+                      "max_channels 3 and max_rooms 1000");
+  assert_string_equal(load_err(&r, ARGV(fixed[0], fixed[1], fixed[2], fixed[3], fixed[4], fixed[5], "--max-rooms",
+                                        "2"),
+                               NOENV),
+                      "config: the bootstrap, telemetry and dashboard channels (4 channels in 3 rooms) do not fit "
+                      "max_channels 10000 and max_rooms 2");
+  /* Empty telemetry and dashboard channels are none. */
+  load_ok(&r, ARGV("--bootstrap-channels", "", "--telemetry-channel", "", "--dashboard-channel", "", "--max-channels",
+                   "1", "--max-rooms", "1"),
+          NOENV);
+  arq_config_free(&r.cfg);
+}
+
+static void test_allowed_origins(void **state) {
+  loaded_t r;
+  load_ok(&r, ARGV("--allowed-origins", "https://app.example, http://[::1]:8080,null,*"), NOENV);
+  assert_string_equal(r.cfg.allowed_origins, "https://app.example,http://[::1]:8080,null,*");
+  arq_config_free(&r.cfg);
+  assert_string_equal(load_err(&r, ARGV("--allowed-origins", "https://app.example/"), NOENV),
+                      "config: invalid item 'https://app.example/' in allowed_origins: expected "
+                      "scheme://host[:port] (no path), null or *");
+  assert_string_equal(load_err(&r, ARGV(), ENVP("ARQONBUS_ALLOWED_ORIGINS=http://a,app.example")),
+                      "config: invalid item 'app.example' in allowed_origins: expected scheme://host[:port] (no "
+                      "path), null or *");
+}
+
 /* ---- value syntax --------------------------------------------------------- */
 
 static void test_size_units(void **state) {
@@ -1000,6 +1047,8 @@ static void test_strings_replaced_without_leaks(void **state) {
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_defaults),
+      cmocka_unit_test(test_fixed_channels_must_fit),
+      cmocka_unit_test(test_allowed_origins),
       cmocka_unit_test(test_no_sources_keeps_defaults),
       cmocka_unit_test(test_flags_with_space),
       cmocka_unit_test(test_flags_with_equals),

@@ -1255,7 +1255,8 @@ static void test_code_names(void **state) {
                                       "unknown_type",      "unsupported_frame", "payload_too_large",
                                       "unknown_command",   "invalid_argument", "not_found",
                                       "already_exists",    "forbidden",        "internal_error",
-                                      "storage_unavailable", "unauthorized"};
+                                      "storage_unavailable", "unauthorized",     "rate_limited",
+                                      "limit_exceeded"};
   assert_int_equal(ARQ_CODE_NCODES, sizeof names / sizeof names[0]);
   for (int c = 0; c < ARQ_CODE_NCODES; c++)
     assert_string_equal(arq_code_name((arq_code_t)c), names[c]);

@@ -309,6 +309,69 @@ static void test_error_response_small_buffer(void **state) {
   assert_int_equal(arq_ws_upgrade_response(&up, NULL, out, want + 1), want);
 }
 
+/* ---- Origin ---- */
+
+static bool allowed(const char *origin, const char *host, const char *list) {
+  return arq_ws_origin_allowed(origin, origin ? strlen(origin) : 0, host, host ? strlen(host) : 0, list);
+}
+
+static void test_origin_same_origin_default(void **state) {
+  /* No Origin: not a browser, always allowed. */
+  assert_true(allowed(NULL, "bus.example:9100", ""));
+  assert_true(allowed(NULL, "bus.example:9100", "https://app.example"));
+  /* Same host and port as Host. */
+  assert_true(allowed("http://bus.example:9100", "bus.example:9100", ""));
+  assert_true(allowed("http://BUS.example:9100", "bus.EXAMPLE:9100", NULL));
+  assert_true(allowed("http://127.0.0.1:9100", "127.0.0.1:9100", ""));
+  assert_true(allowed("http://[::1]:9100", "[::1]:9100", ""));
+  /* Default ports: none written on one side is the scheme's default. */
+  assert_true(allowed("https://bus.example", "bus.example:443", ""));
+  assert_true(allowed("http://bus.example:80", "bus.example", ""));
+  assert_true(allowed("https://bus.example", "bus.example", ""));
+  assert_false(allowed("http://bus.example", "bus.example:9100", ""));
+  /* Another host, another port, garbage, "null". */
+  assert_false(allowed("http://evil.example:9100", "bus.example:9100", ""));
+  assert_false(allowed("http://bus.example:9101", "bus.example:9100", ""));
+  assert_false(allowed("http://bus.example.evil:9100", "bus.example:9100", ""));
+  assert_false(allowed("null", "bus.example:9100", ""));
+  assert_false(allowed("", "bus.example:9100", ""));
+  assert_false(allowed("bus.example:9100", "bus.example:9100", ""));
+  assert_false(allowed("http://bus.example:9100/", "bus.example:9100", ""));
+  assert_false(allowed("http://user@bus.example:9100", "user@bus.example:9100", ""));
+  assert_false(allowed("http://bus.example:99999", "bus.example:99999", ""));
+  assert_false(allowed("http://bus.example:0", "bus.example:0", ""));
+  assert_false(allowed("http://[::1", "[::1", ""));
+}
+
+static void test_origin_list(void **state) {
+  const char *list = "https://app.example,http://localhost:8080,null";
+  assert_true(allowed("https://app.example", "bus:9100", list));
+  assert_true(allowed("HTTPS://App.Example:443", "bus:9100", list));
+  assert_true(allowed("http://localhost:8080", "bus:9100", list));
+  assert_true(allowed("null", "bus:9100", list));
+  assert_false(allowed("http://app.example", "bus:9100", list));      /* another scheme */
+  assert_false(allowed("https://app.example:8443", "bus:9100", list)); /* another port */
+  assert_false(allowed("http://localhost:8081", "bus:9100", list));
+  assert_false(allowed("https://app.example.evil", "bus:9100", list));
+  /* With a list, the same origin is no longer allowed by itself. */
+  assert_false(allowed("http://bus:9100", "bus:9100", list));
+  assert_true(allowed("http://anything:1", "bus:9100", "https://x.example,*"));
+  assert_true(allowed("not even an origin", "bus:9100", "*"));
+}
+
+static void test_origin_valid_items(void **state) {
+  const char *valid_items[] = {"*", "null", "http://a", "https://a.example:8443", "http://[::1]:80", "chrome-extension://abc",
+                        "http://127.0.0.1"};
+  const char *invalid_items[] = {"", "**", "a", "http://", "http://a/", "http://a:", "http://a:x", "http://a:70000",
+                       "://a", "1http://a", "http://a b", "http://[zz]", "http://a?b"};
+  for (size_t i = 0; i < sizeof valid_items / sizeof valid_items[0]; i++)
+    if (!arq_ws_origin_valid(valid_items[i], strlen(valid_items[i])))
+      fail_msg("'%s' should be valid", valid_items[i]);
+  for (size_t i = 0; i < sizeof invalid_items / sizeof invalid_items[0]; i++)
+    if (arq_ws_origin_valid(invalid_items[i], strlen(invalid_items[i])))
+      fail_msg("'%s' should not be valid", invalid_items[i]);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_accept_key_rfc_sample),
@@ -322,6 +385,9 @@ int main(void) {
       cmocka_unit_test(test_missing_upgrade_or_connection),
       cmocka_unit_test(test_101_response),
       cmocka_unit_test(test_error_response_small_buffer),
+      cmocka_unit_test(test_origin_same_origin_default),
+      cmocka_unit_test(test_origin_list),
+      cmocka_unit_test(test_origin_valid_items),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
