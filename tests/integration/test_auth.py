@@ -274,7 +274,8 @@ def test_sighup_reads_the_key_file_again(make_server, tmp_path):
 def test_bad_auth_settings_stop_the_start(args, message):
     import subprocess
     from conftest import BIN
-    p = subprocess.run([BIN] + args, capture_output=True, text=True, timeout=20 * SLOW)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ARQONBUS_")}
+    p = subprocess.run([BIN] + args, capture_output=True, text=True, timeout=20 * SLOW, env=env)
     assert p.returncode == 2 and message in p.stderr, (p.returncode, p.stderr)
 
 
