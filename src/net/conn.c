@@ -787,6 +787,7 @@ static void read_handshake(arq_conn_t *c, uint8_t *data, size_t n) {
     if (c->state != ARQ_CONN_OPEN)
       return; /* the welcome alone was too much for the queue */
   } else {
+    c->expires_ms = id.expires_ms;
     arq_identity_clear(&id);
     arq_telemetry_attach(srv, c, tel_mask);
   }

@@ -51,6 +51,7 @@ struct arq_conn {
   bool addr_counted;       /* counted in the server's per-address table */
   uint8_t reason;          /* arq_close_reason_t, set when closing starts */
   uint32_t tel_mask;       /* telemetry port: the event kinds wanted */
+  uint64_t expires_ms;     /* telemetry port: wall ms when its credential expires; 0: never */
   unsigned inflight;       /* queue entries in the write in flight */
   size_t inflight_bytes;
   arq_outq_t outq;

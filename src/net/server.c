@@ -212,6 +212,8 @@ static void on_tick(uv_timer_t *t) {
   if (now >= srv->bus_tick_at + 1000) {
     srv->bus_tick_at = now;
     arq_bus_tick(srv->bus, now);
+    if (srv->ntelemetry)
+      arq_telemetry_expire(srv, arq_time_wall_ms());
     if (srv->cluster)
       arq_cluster_tick(srv->cluster, now);
   }

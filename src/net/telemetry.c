@@ -57,6 +57,15 @@ static void update_mask(arq_server_t *srv) {
   arq_bus_set_telemetry_mask(srv->bus, mask);
 }
 
+void arq_telemetry_expire(arq_server_t *srv, uint64_t now_wall_ms) {
+  arq_list_t *n, *tmp;
+  arq_list_foreach_safe(n, tmp, &srv->telemetry_open) {
+    arq_conn_t *c = ARQ_CONTAINER_OF(n, arq_conn_t, node_open);
+    if (c->expires_ms && now_wall_ms >= c->expires_ms)
+      arq_conn_close(c, ARQ_CLOSE_TOKEN_EXPIRED, "token expired", ARQ_CLOSE_EXPIRED); /* unlinks it */
+  }
+}
+
 void arq_telemetry_attach(arq_server_t *srv, arq_conn_t *c, uint32_t mask) {
   c->tel_mask = mask;
   arq_list_push_back(&srv->telemetry_open, &c->node_open);

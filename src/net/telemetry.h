@@ -23,6 +23,9 @@ int arq_telemetry_parse_query(const char *q, size_t n, uint32_t *mask, char *err
 
 /* Adds the just-opened monitoring connection 'c' with its 'mask' and sends
  * its welcome. */
+/* Closes the monitoring connections whose token has expired (4002). */
+void arq_telemetry_expire(arq_server_t *srv, uint64_t now_wall_ms);
+
 void arq_telemetry_attach(arq_server_t *srv, arq_conn_t *c, uint32_t mask);
 /* Removes 'c' (closing). */
 void arq_telemetry_detach(arq_server_t *srv, arq_conn_t *c);

@@ -365,6 +365,11 @@ def test_the_telemetry_port_needs_an_admin_credential(make_server):
     refused(srv.telemetry_port, token("ursula", roles=["user"]), status=403, reason="admin")
     ws = RawWS(srv.telemetry_port, extra="Authorization: Bearer %s\r\n" % token("root", roles=["admin"]))
     assert ws.status == 101
+    # A monitoring connection ends with its token too.
+    short = RawWS(srv.telemetry_port, extra="Authorization: Bearer %s\r\n" % token("root", roles=["admin"],
+                                                                                      exp_in=1))
+    assert short.expect_close(10 * SLOW) == (4002, "token expired")
+    assert ws.status == 101 and ws.sock.fileno() >= 0
     ws.close()
 
 
