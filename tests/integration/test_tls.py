@@ -221,6 +221,7 @@ def expect_refused(server, ctx, port):
     server.wait_metric(TLS_ERRORS, lambda v: v == before + 1)
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
 def test_tls_1_1_client_is_refused_and_the_server_stays_up(make_server, certdir):
     server, ctx, cert, _ = tls_server(make_server, certdir)
     old = client_context(cert, minimum_version=ssl.TLSVersion.TLSv1_1, maximum_version=ssl.TLSVersion.TLSv1_1)
