@@ -180,7 +180,7 @@ static const setting_t settings[] = {
     {"jwt_audience", T_TEXT, STR(jwt_audience), 0, 0, "", "required aud claim of tokens; empty checks none"},
     {"jwt_issuer", T_TEXT, STR(jwt_issuer), 0, 0, "", "required iss claim of tokens; empty checks none"},
     {"jwt_leeway", T_DURATION, U64(jwt_leeway_ms), 0, 10 * MIN, "30s", "clock skew allowed when checking exp, nbf and iat"},
-    {"command_roles", T_LIST, STR(command_roles), 0, 0, "create_channel=admin,delete_channel=admin",
+    {"command_roles", T_LIST, STR(command_roles), 0, 0, "create_channel=admin,delete_channel=admin,status=admin",
      "roles allowed to run a command, as command=role+role (comma-separated); commands not listed are open to every role"},
     {"protected_rooms", T_LIST, STR(protected_rooms), 0, 0, "",
      "rooms only some roles may join, publish to and read, as room=role+role (comma-separated); a token's rooms claim also opens a room"},
@@ -614,8 +614,10 @@ static int set_value(arq_config_t *c, const setting_t *s, const char *text, cons
 invalid:;
   char shown[96], want[160];
   expected(s, want, sizeof want);
+  /* A secret is never repeated, not even in an error. */
+  bool secret = strcmp(s->key, "jwt_secret") == 0 || strcmp(s->key, "ops_token") == 0;
   snprintf(err, errcap, "config: invalid value '%s' for %s (%s): expected %s",
-           show(shown, sizeof shown, text, strlen(text)), s->key, origin, want);
+           secret ? "(secret not shown)" : show(shown, sizeof shown, text, strlen(text)), s->key, origin, want);
   return ARQ_EINVAL;
 }
 

@@ -539,6 +539,8 @@ int arq_auth_verify(const arq_auth_t *a, const char *cred, size_t n, uint64_t no
     return fail(why, whycap, ARQ_EACCES, "no credential");
   if (n > ARQ_AUTH_MAX_CREDENTIAL)
     return fail(why, whycap, ARQ_EACCES, "the credential is longer than %d bytes", ARQ_AUTH_MAX_CREDENTIAL);
+  if (memchr(cred, '\0', n))
+    return fail(why, whycap, ARQ_EACCES, "the credential holds a NUL byte");
   if (a->mode == ARQ_AUTH_API_KEY)
     return verify_key(a, cred, n, id, why, whycap);
   if (a->mode == ARQ_AUTH_JWT)

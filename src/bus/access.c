@@ -95,6 +95,13 @@ unsigned arq_access_command_roles(const arq_bus_t *b, size_t cmd) {
   return cmd < sizeof b->cmd_roles / sizeof b->cmd_roles[0] ? b->cmd_roles[cmd] : ARQ_ROLES_ALL;
 }
 
+bool arq_access_protected(const arq_bus_t *b, const char *room) {
+  for (size_t i = 0; i < b->nprotected; i++)
+    if (strcmp(b->protected_rooms[i].room, room) == 0)
+      return true;
+  return false;
+}
+
 bool arq_bus_may_use_room(const arq_bus_t *b, unsigned roles, const char *rooms, const char *room) {
   bool named = rooms && arq_auth_list_has(rooms, room);
   if (rooms && !named)

@@ -50,7 +50,7 @@ void arq_bus_opts_defaults(arq_bus_opts_t *o) {
   o->channel_ttl_ms = 300000;
   o->telemetry_channel = "integriguard:telemetry-stream";
   o->dashboard_channel = "integriguard:dashboard-events";
-  o->command_roles = "create_channel=admin,delete_channel=admin";
+  o->command_roles = "create_channel=admin,delete_channel=admin,status=admin";
 }
 
 static char **copy_list(const char *const *l) {
@@ -867,6 +867,8 @@ static void route_event(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
 /* Client telemetry goes to the telemetry channel (whatever room or channel
  * it names) and to the telemetry stream. */
 static void route_telemetry(arq_bus_t *b, arq_client_t *c, arq_env_t *e) {
+  if (b->tel_room[0] && !arq_access_room(b, c, e->id, NULL, b->tel_room))
+    return; /* publishing there is publishing to that room */
   strcpy(e->room, b->tel_room);
   strcpy(e->channel, b->tel_channel);
   char id[130];
@@ -1007,10 +1009,13 @@ void arq_bus_receive_at(arq_bus_t *b, arq_client_t *c, const char *data, size_t 
   if (e.type == ARQ_MSG_EVENT || e.type == ARQ_MSG_PRIVATE || e.type == ARQ_MSG_TELEMETRY) {
     uint64_t now = arq_time_mono_ns();
     arq_hist_observe(&b->st.routing, now > arrival_ns ? now - arrival_ns : 0);
+    /* The dashboard channel is open to more clients than a protected room:
+     * it does not name one. */
+    bool named = e.room[0] && !arq_access_protected(b, e.room) && !c->rooms;
     if (is_agent(c) && !c->gone)
       arq_bus_agent_activity(b, c, "message_sent",
                              json_pack("{s:s, s:s*, s:s*}", "message_type", arq_msg_type_name(e.type), "room",
-                                       e.room[0] ? e.room : NULL, "channel", e.channel[0] ? e.channel : NULL));
+                                       named ? e.room : NULL, "channel", named && e.channel[0] ? e.channel : NULL));
   }
   arq_env_free(&e);
 out:

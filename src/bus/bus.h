@@ -319,6 +319,7 @@ typedef struct arq_bus_stats {
   arq_hist_t commands[16];            /* duration, by command (arq_bus_command_name) */
   uint64_t forbidden[ARQ_DENY_NACTIONS]; /* forbidden errors, by action */
   uint64_t expired_closes;            /* connections closed when their credential expired */
+  uint64_t auth_inband[2];            /* credentials of the authenticate command: ok, refused */
 } arq_bus_stats_t;
 
 /* Replaces the verifier of in-band credentials ('auth' borrowed; NULL:

@@ -235,6 +235,8 @@ unsigned arq_access_default_roles(const arq_bus_t *b, const char *client_id);
 json_t *arq_access_roles_json(unsigned roles);
 /* Roles allowed to run command 'cmd' (its index). */
 unsigned arq_access_command_roles(const arq_bus_t *b, size_t cmd);
+/* True when 'room' is in protected_rooms. */
+bool arq_access_protected(const arq_bus_t *b, const char *room);
 /* Sends 'c' a forbidden error for 'action' (counted, reported to io.denied). */
 void arq_access_deny(arq_bus_t *b, arq_client_t *c, const char *correlation_id, const char *command,
                      arq_deny_t action, const char *fmt, ...) __attribute__((format(printf, 6, 7)));

@@ -15,6 +15,7 @@
 
 #include "bus/bus_int.h"
 #include "util/alloc.h"
+#include "util/err.h"
 #include "util/time.h"
 
 typedef struct cmd cmd_t;
@@ -100,6 +101,16 @@ static json_t *peer_summary(arq_bus_t *b, const arq_peer_chan_t *pc) {
 
 /* ---- handlers ----------------------------------------------------------- */
 
+/* A listing walks and encodes every channel: it costs the client one more
+ * message of its rate limit per LISTING_PER_MESSAGE rows, so that no client
+ * can keep the loop busy with listings while within its message rate. */
+#define LISTING_PER_MESSAGE 10
+
+static void charge_listing(arq_bus_t *b, arq_client_t *c, size_t rows) {
+  if (b->o.rate_messages && rows >= LISTING_PER_MESSAGE)
+    arq_rate_charge(&c->rate, b->o.rate_messages, rows / LISTING_PER_MESSAGE, arq_time_mono_ns());
+}
+
 static void cmd_status(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
   json_int_t offset = 0, limit = ARQ_STATUS_DEFAULT_LIMIT;
   json_t *o = e->payload ? json_object_get(e->payload, "offset") : NULL;
@@ -118,6 +129,7 @@ static void cmd_status(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const 
   json_t *s = arq_bus_status_page(b, (size_t)offset, (size_t)limit);
   json_object_set_new(s, "you", arq_bus_client_json(c, true));
   arq_bus_reply(b, c, e, cmd->name, s);
+  charge_listing(b, c, HASH_COUNT(b->channels) + (size_t)limit);
 }
 
 static void cmd_ping(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
@@ -275,6 +287,7 @@ static void cmd_list(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cm
   if (t.room[0])
     json_object_set_new(r, "room", json_string(t.room));
   arq_bus_reply(b, c, e, cmd->name, r);
+  charge_listing(b, c, n);
 }
 
 static void cmd_info(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cmd_t *cmd) {
@@ -420,12 +433,21 @@ static void cmd_authenticate(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, 
   }
   arq_identity_t id;
   char why[200];
-  if (arq_auth_verify(b->o.auth, json_string_value(tok), json_string_length(tok), arq_time_wall_ms(), &id, why,
-                      sizeof why) != 0) {
+  uint64_t now = arq_time_wall_ms();
+  int rc = arq_auth_verify(b->o.auth, json_string_value(tok), json_string_length(tok), now, &id, why, sizeof why);
+  if (rc == 0 && id.expires_ms && id.expires_ms <= now) {
+    /* Within the leeway, but the connection would be closed at once. */
+    arq_identity_clear(&id);
+    snprintf(why, sizeof why, "the token has expired");
+    rc = ARQ_EACCES;
+  }
+  if (rc != 0) {
+    b->st.auth_inband[1]++;
     arq_bus_error(b, c, e->id, cmd->name, ARQ_CODE_UNAUTHORIZED, NULL, "%s; the current credential still holds",
                   why);
     return;
   }
+  b->st.auth_inband[0]++;
   if (strcmp(id.client_id, c->id) != 0) {
     arq_access_deny(b, c, e->id, cmd->name, ARQ_DENY_AUTHENTICATE,
                     "the credential is for client \"%s\", not for this connection's \"%s\"", id.client_id, c->id);

@@ -45,6 +45,15 @@ static uint64_t wait_for(const arq_bucket_t *b, uint64_t rate, uint64_t cost) {
   return (deficit + rate - 1) / rate;
 }
 
+void arq_rate_charge(arq_rate_t *r, uint64_t msg_rate, uint64_t msgs, uint64_t now_ns) {
+  msg_rate = clamp(msg_rate);
+  if (!msg_rate || !msgs)
+    return;
+  refill(&r->msgs, msg_rate, now_ns);
+  /* At most one bucket's worth of debt: the level stays within +-2^62. */
+  r->msgs.level -= (int64_t)(msgs < msg_rate ? msgs : msg_rate) * UNIT;
+}
+
 arq_rate_verdict_t arq_rate_admit(arq_rate_t *r, uint64_t msg_rate, uint64_t byte_rate, size_t len, uint64_t now_ns,
                                   uint64_t *retry_ns) {
   msg_rate = clamp(msg_rate);

@@ -50,4 +50,11 @@ void arq_rate_init(arq_rate_t *r, uint64_t now_ns);
 arq_rate_verdict_t arq_rate_admit(arq_rate_t *r, uint64_t msg_rate, uint64_t byte_rate, size_t len, uint64_t now_ns,
                                   uint64_t *retry_ns);
 
+/* Takes 'msgs' more messages (at most one second's worth, 'msg_rate') from
+ * the message bucket at 'now_ns', after the message that was admitted: the
+ * cost of a request that did much more work than routing one message (a
+ * listing of thousands of channels). The bucket may go into debt; later
+ * messages wait until it is paid back. */
+void arq_rate_charge(arq_rate_t *r, uint64_t msg_rate, uint64_t msgs, uint64_t now_ns);
+
 #endif

@@ -125,7 +125,10 @@ size_t arq_metrics_render(const arq_metrics_t *m, const arq_bus_stats_t *bus, co
   header(&o, "arqonbus_auth_total", "counter",
          "Credentials checked at bus and telemetry upgrades, by result (missing and refused get 401).");
   for (int i = 0; i < 3; i++)
-    emit(&o, "arqonbus_auth_total{result=\"%s\"} %llu\n", auth_results[i], (unsigned long long)m->auth[i]);
+    emit(&o, "arqonbus_auth_total{result=\"%s\"} %llu\n", auth_results[i],
+         (unsigned long long)(m->auth[i] + (i == ARQ_AUTH_OK        ? bus->auth_inband[0]
+                                            : i == ARQ_AUTH_REFUSED ? bus->auth_inband[1]
+                                                                    : 0)));
   header(&o, "arqonbus_auth_reloads_total", "counter", "Credentials read again on SIGHUP, by result.");
   emit(&o, "arqonbus_auth_reloads_total{result=\"ok\"} %llu\narqonbus_auth_reloads_total{result=\"failed\"} %llu\n",
        (unsigned long long)m->auth_reloads[0], (unsigned long long)m->auth_reloads[1]);

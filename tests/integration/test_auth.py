@@ -430,3 +430,74 @@ def test_the_ops_port_can_listen_on_another_address(make_server):
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", srv.http_port), timeout=2).close()
     alive(Bus(srv.port))
+
+
+# ---- paths found in review ---------------------------------------------------------
+
+
+def test_telemetry_and_agent_activity_respect_protected_rooms(make_server):
+    srv = jwt_server(make_server, "--protected-rooms", "integriguard=admin,secret=admin")
+    admin = Bus(srv.port, headers=bearer(token("root", roles=["admin"])), channel="integriguard:telemetry-stream")
+    mallory = Bus(srv.port, headers=bearer(token("mallory", roles=["user"], rooms=["science"])))
+    # Client telemetry is published to the telemetry channel's room: not
+    # open to mallory, so refused, not stored, not delivered.
+    mallory.send({"type": "telemetry", "id": "arq_inj", "eventType": "x", "payload": {"injected": True},
+                  "ack": True})
+    err = mallory.recv()
+    assert error_code(err) == "forbidden" and err["correlation_id"] == "arq_inj", err
+    admin.expect_nothing(0.3)
+    hist = admin.command("history", {"room": "integriguard", "channel": "telemetry-stream"})
+    assert not [m for m in hist["payload"]["messages"] if m["id"] == "arq_inj"]
+    # An agent's messages to a protected room do not name it on the
+    # dashboard channel, which more clients may read.
+    srv2 = jwt_server(make_server, "--protected-rooms", "secret=admin", "--dashboard-channel", "dash:board")
+    watcher = Bus(srv2.port, headers=bearer(token("gus")), channel="dash:board")
+    agent = Bus(srv2.port, headers=bearer(token("bond", roles=["admin"], client_type="ai-agent")))
+    for room in ("secret", "open"):
+        agent.send({"type": "event", "room": room, "channel": "plans", "payload": {}})
+        env, _ = watcher.recv_until(lambda e: e["type"] == "telemetry" and e["payload"].get("activity") == "message_sent")
+        if room == "secret":
+            assert "room" not in env["payload"] and "channel" not in env["payload"], env
+        else:
+            assert (env["payload"]["room"], env["payload"]["channel"]) == ("open", "plans"), env
+
+
+def test_refresh_needs_a_token_that_has_not_expired_and_is_counted(make_server):
+    srv = jwt_server(make_server)  # leeway 2 s
+    a = Bus(srv.port, headers=bearer(token("kim", roles=["user"])))
+    reply = a.command("authenticate", token=token("kim", exp_in=-1))  # within the leeway, but past exp
+    assert error_code(reply) == "unauthorized" and "expired" in reply["payload"]["message"], reply
+    assert a.command("authenticate", token=token("kim", roles=["user"]))["type"] == "system"
+    reply = a.command("authenticate", token=token("kim") + "\u0000x")
+    assert error_code(reply) == "unauthorized" and "NUL" in reply["payload"]["message"], reply
+    m = srv.metrics()
+    assert m['arqonbus_auth_total{result="ok"}'] == 2 and m['arqonbus_auth_total{result="refused"}'] == 2
+
+
+def test_status_is_for_admins_and_listings_cost_rate(make_server):
+    srv = jwt_server(make_server, "--rate-limit-messages", "100", "--rate-limit-close-after", "1000")
+    admin = Bus(srv.port, headers=bearer(token("root", roles=["admin"])))
+    user = Bus(srv.port, headers=bearer(token("ursula", roles=["user"])))
+    assert error_code(user.command("status")) == "forbidden"
+    assert admin.command("status")["type"] == "system"
+    for k in range(60):  # 60 + 7 bootstrap + 2 special channels
+        assert admin.command("create_channel", {"room": "many", "channel": "c%d" % k})["type"] == "system"
+    # A listing of ~70 channels costs 7 messages more: 100 messages a second
+    # allow about a dozen listings, then the client is told to wait.
+    codes = []
+    for _ in range(20):
+        r = user.command("list_channels")
+        codes.append("ok" if r["type"] == "system" else error_code(r))
+    assert codes[0] == "ok" and "rate_limited" in codes, codes
+    assert codes.index("rate_limited") < 16, codes
+    alive(admin)
+
+
+def test_secrets_are_not_repeated_in_config_errors():
+    import subprocess
+    from conftest import BIN
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ARQONBUS_")}
+    for flag in ("--jwt-secret", "--ops-token"):
+        p = subprocess.run([BIN, flag, "TopSecretValue-0123456789abcdefXYZ\t"], capture_output=True, text=True,
+                           timeout=20 * SLOW, env=env)
+        assert p.returncode == 2 and "TopSecret" not in p.stderr and "secret not shown" in p.stderr, p.stderr

@@ -142,7 +142,7 @@ def test_privileged_commands_with_admins(make_server):
         ok(user.command(name, at("science:explore")), name)
     # help says which commands are privileged.
     cmds = {c["name"]: c["privileged"] for c in ok(user.command("help"), "help")["commands"]}
-    assert {n for n, priv in cmds.items() if priv} == {"create_channel", "delete_channel"}
+    assert {n for n, priv in cmds.items() if priv} == {"create_channel", "delete_channel", "status"}
 
 
 def test_delete_channel(server):
@@ -301,9 +301,9 @@ def test_help(server):
     for c in p["commands"]:
         assert set(c) == {"name", "arguments", "description", "privileged", "roles"}, c
         assert isinstance(c["arguments"], str) and c["description"] and isinstance(c["privileged"], bool)
-        # By default (command_roles) only create_channel and delete_channel
-        # are restricted, to admins.
-        if c["name"] in ("create_channel", "delete_channel"):
+        # By default (command_roles) only create_channel, delete_channel and
+        # status are restricted, to admins.
+        if c["name"] in ("create_channel", "delete_channel", "status"):
             assert c["privileged"] is True and c["roles"] == ["admin"], c
         else:
             assert c["privileged"] is False and c["roles"] == ["admin", "user", "guest"], c
