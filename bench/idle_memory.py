@@ -127,7 +127,7 @@ def main():
         # The child inherits the raised limit.
         proc = subprocess.Popen([args.server, "--host", "127.0.0.1", "--port", str(port),
                                  "--telemetry-port", str(tport), "--http-port", str(hport),
-                                 "--max-connections", "20000", "--max-connections-per-ip", "20000"] + tls_args,
+                                 "--max-connections", "20000", "--max-connections-per-ip", "20000", "--max-handshakes-per-ip", "20000"] + tls_args,
                                 stdout=subprocess.DEVNULL, stderr=log, cwd=tmp)
         socks = []
         ok = False

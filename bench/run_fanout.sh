@@ -46,7 +46,7 @@ print(*[s.getsockname()[1] for s in socks])
 WORK=$(mktemp -d /tmp/arqbench.XXXXXX)
 LOG=$WORK/server.log
 "$SERVER" --host 127.0.0.1 --port "$PORT" --telemetry-port "$TPORT" --http-port "$HPORT" \
-  --max-connections 20000 --max-connections-per-ip 20000 --rate-limit-messages 1000000 \
+  --max-connections 20000 --max-connections-per-ip 20000 --max-handshakes-per-ip 20000 --rate-limit-messages 1000000 \
   --rate-limit-bytes 1GiB >"$WORK/server.out" 2>"$LOG" &
 SPID=$!
 

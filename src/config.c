@@ -127,6 +127,8 @@ static const setting_t settings[] = {
      "most WebSocket connections open at once, all ports together (then 503)"},
     {"max_connections_per_ip", T_COUNT, U64(max_connections_per_ip), 1, 1000000, "256",
      "most WebSocket connections on the bus port from one remote address (then 429)"},
+    {"max_handshakes_per_ip", T_COUNT, U64(max_handshakes_per_ip), 1, 1000000, "128",
+     "connections from one address still in their opening handshake, any port; more are dropped at once"},
     {"rate_limit_messages", T_COUNT, U64(rate_limit_messages), 1, 1000000, "2000",
      "messages per second one client may send (commands included), with bursts of up to a second's worth; more get "
      "rate_limited errors"},
@@ -137,6 +139,8 @@ static const setting_t settings[] = {
      "rate_limited messages within one second after which a client is closed with 1008"},
     {"max_subscriptions", T_COUNT, U64(max_subscriptions), 1, 1000000, "256",
      "channels one client may have joined at once (the initial channel included); more get limit_exceeded"},
+    {"max_channels_per_client", T_COUNT, U64(max_channels_per_client), 1, 10000000, "1000",
+     "channels one client's requests created that still exist and no other client joined; more get limit_exceeded"},
     {"max_channels", T_COUNT, U64(max_channels), 1, 10000000, "10000",
      "channels that may exist on this node (bootstrap, telemetry and dashboard channels included); more get "
      "limit_exceeded"},

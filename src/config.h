@@ -44,10 +44,12 @@ typedef struct arq_config {
   uint64_t close_timeout_ms;     /* wait for the peer's close frame */
   uint64_t max_connections;      /* WebSocket connections, all ports */
   uint64_t max_connections_per_ip; /* bus WebSocket connections from one address */
+  uint64_t max_handshakes_per_ip; /* connections from one address in their handshake, all ports */
   uint64_t rate_limit_messages;  /* per client, messages per second (bucket: one second's worth) */
   uint64_t rate_limit_bytes;     /* per client, bytes per second */
   uint64_t rate_limit_close_after; /* rate_limited messages within a second before a 1008 close */
   uint64_t max_subscriptions;    /* channels one client may have joined */
+  uint64_t max_channels_per_client; /* channels a client created that still exist, used by it alone */
   uint64_t max_channels;         /* channels on this node */
   uint64_t max_rooms;            /* rooms on this node */
   char *allowed_origins;         /* comma-separated Origin values, "*", or "" (same origin only) */

@@ -134,6 +134,7 @@ void arq_bus_client_unref(arq_client_t *c) {
   arq_free(c->avatar);
   arq_free(c->personality);
   arq_free(c->rooms);
+  arq_free(c->created);
   arq_free(c->subs);
   arq_free(c);
 }
@@ -433,6 +434,7 @@ void arq_bus_error(arq_bus_t *b, arq_client_t *c, const char *correlation_id, co
 
 static const char *const limit_names[ARQ_LIMIT_NLIMITS] = {
     "rate", "rate_close", "subscriptions", "channels", "rooms", "connections_per_ip", "origin",
+    "handshakes_per_ip", "channels_created",
 };
 
 const char *arq_limit_name(arq_limit_t l) { return (unsigned)l < ARQ_LIMIT_NLIMITS ? limit_names[l] : "?"; }
@@ -440,17 +442,26 @@ const char *arq_limit_name(arq_limit_t l) { return (unsigned)l < ARQ_LIMIT_NLIMI
 void arq_bus_limit_error(arq_bus_t *b, arq_client_t *c, const char *correlation_id, const char *command,
                          arq_limit_t limit, const char *room, const char *channel) {
   const char *setting = limit == ARQ_LIMIT_SUBSCRIPTIONS ? "max_subscriptions"
+                        : limit == ARQ_LIMIT_CREATED     ? "max_channels_per_client"
                         : limit == ARQ_LIMIT_ROOMS       ? "max_rooms"
                                                          : "max_channels";
   size_t max = limit == ARQ_LIMIT_SUBSCRIPTIONS ? b->o.max_subscriptions
+               : limit == ARQ_LIMIT_CREATED     ? b->o.max_channels_per_client
                : limit == ARQ_LIMIT_ROOMS       ? b->o.max_rooms
                                                 : b->o.max_channels;
+  if (limit == ARQ_LIMIT_CREATED && c->roles == ARQ_ROLE_GUEST) {
+    arq_access_deny(b, c, correlation_id, command, ARQ_DENY_ROOM,
+                    "guests join channels that exist; %s:%s does not", room, channel);
+    return;
+  }
   b->st.limit_denials[limit]++;
   arq_bus_error(b, c, correlation_id, command, ARQ_CODE_LIMIT_EXCEEDED,
                 json_pack("{s:s, s:I, s:s, s:s}", "limit", setting, "max", (json_int_t)max, "room", room, "channel",
                           channel),
                 limit == ARQ_LIMIT_SUBSCRIPTIONS
                     ? "you have joined %zu channels, the most a client may (%s): %s:%s is not joined"
+                : limit == ARQ_LIMIT_CREATED
+                    ? "%zu channels you created still exist, the most a client may (%s): %s:%s is not created"
                 : limit == ARQ_LIMIT_ROOMS
                     ? "%zu rooms exist, the most this server holds (%s): %s:%s is not created"
                     : "%zu channels exist, the most this server holds (%s): %s:%s is not created",
@@ -601,7 +612,12 @@ arq_client_t *arq_bus_connect(arq_bus_t *b, void *conn, const arq_client_params_
     snprintf(c->init_channel, sizeof c->init_channel, "%s", p->channel);
     bool created;
     arq_limit_t denied;
-    arq_channel_t *ch = arq_router_open(b, p->room, p->channel, &created, &denied);
+    arq_channel_t *ch = NULL;
+    if (c->roles == ARQ_ROLE_GUEST && !arq_router_find(b, p->room, p->channel) &&
+        !arq_peers_channel(b, p->room, p->channel))
+      denied = ARQ_LIMIT_CREATED; /* guests join what exists: answered as forbidden */
+    else
+      ch = arq_router_open_by(b, c, p->room, p->channel, &created, &denied);
     if (ch) {
       arq_router_join(b, c, ch);
       send_welcome(b, c);
@@ -645,6 +661,7 @@ static void remove_client(arq_bus_t *b, arq_client_t *c) {
     arq_bus_tel(b, ARQ_TEL_CLIENT_DISCONNECTED, t);
   }
   arq_bus_agent_activity(b, c, "disconnected", NULL);
+  arq_router_forget_creator(c);
   while (c->nsubs > 0) {
     /* The others hear of it first: leaving may remove the channel here
      * while members on other nodes remain. */
@@ -796,7 +813,7 @@ static void publish(arq_bus_t *b, arq_channel_t *ch, arq_client_t *c, const char
 static void publish_to_channel(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const char *id, json_t *obj) {
   bool created;
   arq_limit_t denied;
-  arq_channel_t *ch = arq_router_open(b, e->room, e->channel, &created, &denied);
+  arq_channel_t *ch = arq_router_open_by(b, c, e->room, e->channel, &created, &denied);
   if (!ch) {
     json_decref(obj);
     arq_bus_limit_error(b, c, e->id, NULL, denied, e->room, e->channel);

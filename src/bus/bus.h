@@ -165,6 +165,7 @@ typedef struct arq_bus_opts {
   uint64_t rate_bytes;             /* bytes per second per client */
   unsigned rate_close_after;       /* rate_limited messages within one second before a 1008 close */
   size_t max_subscriptions;        /* channels one client may have joined */
+  size_t max_channels_per_client;  /* channels a client created that still exist and only it joined */
   size_t max_channels;             /* channels on this node */
   size_t max_rooms;                /* rooms on this node */
 } arq_bus_opts_t;
@@ -297,6 +298,8 @@ typedef enum {
   ARQ_LIMIT_ROOMS,         /* a channel in a new room not created: max_rooms */
   ARQ_LIMIT_CONNECTIONS_PER_IP, /* (shell) an upgrade refused with 429 */
   ARQ_LIMIT_ORIGIN,        /* (shell) an upgrade refused with 403 */
+  ARQ_LIMIT_HANDSHAKES_PER_IP, /* (shell) a connection dropped at accept: max_handshakes_per_ip */
+  ARQ_LIMIT_CREATED,       /* a channel not created: max_channels_per_client of its own still exist */
   ARQ_LIMIT_NLIMITS
 } arq_limit_t;
 

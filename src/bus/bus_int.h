@@ -30,6 +30,7 @@ struct arq_channel {
   bool bootstrap;
   uint64_t created_at;   /* wall ms */
   bool empty;            /* no members (its ttl runs) */
+  arq_client_t *creator; /* the client whose request created it, while connected; NULL otherwise */
   uint64_t empty_since;  /* bus time when it became empty; 0: before the first tick */
   uint64_t messages;     /* events routed to it */
   arq_list_t node_room;  /* in room->channels */
@@ -60,6 +61,8 @@ struct arq_client {
   uint64_t msgs_in, msgs_out;
   uint64_t mark;         /* last routing round that reached this client */
   char init_room[ARQ_NAME_MAX + 1], init_channel[ARQ_NAME_MAX + 1];
+  arq_channel_t **created; /* channels its requests created that still exist (max_subscriptions) */
+  size_t ncreated, createdcap;
   unsigned roles;        /* ARQ_ROLE_* */
   char *rooms;           /* rooms its credential limits it to, comma-separated; NULL: any */
   uint64_t expires_ms;   /* wall ms when its credential expires; 0: never */
@@ -136,6 +139,17 @@ arq_channel_t *arq_router_ensure(arq_bus_t *b, const char *room, const char *cha
  * NULL with the limit in '*denied'. */
 arq_channel_t *arq_router_open(arq_bus_t *b, const char *room, const char *channel, bool *created,
                                arq_limit_t *denied);
+/* The same on behalf of client 'by': it may also not have created more than
+ * max_channels_per_client channels that still exist (ARQ_LIMIT_CREATED); a channel
+ * it creates is counted as its own until it is removed, another client
+ * joins it, or 'by' leaves. */
+arq_channel_t *arq_router_open_by(arq_bus_t *b, arq_client_t *by, const char *room, const char *channel,
+                                  bool *created, arq_limit_t *denied);
+/* Takes 'ch' off its creator's own channels (another client joined it, or
+ * it is removed). */
+void arq_router_forget_created(arq_channel_t *ch);
+/* Forgets the channels 'c' created (it is leaving the bus). */
+void arq_router_forget_creator(arq_client_t *c);
 /* Removes the channel and every membership in it; the caller tells members. */
 void arq_router_remove(arq_bus_t *b, arq_channel_t *ch);
 /* Returns the client's subscription to 'ch', or NULL. */

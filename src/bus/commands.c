@@ -200,7 +200,12 @@ static void cmd_join(arq_bus_t *b, arq_client_t *c, const arq_env_t *e, const cm
     arq_bus_limit_error(b, c, e->id, cmd->name, ARQ_LIMIT_SUBSCRIPTIONS, t.room, t.channel);
     return;
   }
-  ch = arq_router_open(b, t.room, t.channel, &created, &denied);
+  if (!ch && c->roles == ARQ_ROLE_GUEST && !arq_peers_channel(b, t.room, t.channel)) {
+    arq_access_deny(b, c, e->id, cmd->name, ARQ_DENY_ROOM, "guests join channels that exist; %s:%s does not",
+                    t.room, t.channel);
+    return;
+  }
+  ch = arq_router_open_by(b, c, t.room, t.channel, &created, &denied);
   if (!ch) {
     arq_bus_limit_error(b, c, e->id, cmd->name, denied, t.room, t.channel);
     return;

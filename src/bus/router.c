@@ -87,8 +87,50 @@ static void drop_sub(arq_sub_t *s) {
   arq_free(s);
 }
 
+arq_channel_t *arq_router_open_by(arq_bus_t *b, arq_client_t *by, const char *room, const char *channel,
+                                  bool *created, arq_limit_t *denied) {
+  *created = false;
+  if (b->o.max_channels_per_client && by->ncreated >= b->o.max_channels_per_client &&
+      !arq_router_find(b, room, channel)) {
+    *denied = ARQ_LIMIT_CREATED;
+    return NULL;
+  }
+  arq_channel_t *ch = arq_router_open(b, room, channel, created, denied);
+  if (ch && *created) {
+    if (by->ncreated == by->createdcap) {
+      by->createdcap = by->createdcap ? 2 * by->createdcap : 4;
+      by->created = arq_realloc(by->created, by->createdcap * sizeof *by->created);
+    }
+    by->created[by->ncreated++] = ch;
+    ch->creator = by;
+  }
+  return ch;
+}
+
+/* Takes 'ch' off its creator's list (swap with the last). */
+void arq_router_forget_created(arq_channel_t *ch) {
+  arq_client_t *c = ch->creator;
+  for (size_t i = 0; i < c->ncreated; i++) {
+    if (c->created[i] == ch) {
+      c->created[i] = c->created[--c->ncreated];
+      break;
+    }
+  }
+  ch->creator = NULL;
+}
+
+void arq_router_forget_creator(arq_client_t *c) {
+  for (size_t i = 0; i < c->ncreated; i++)
+    c->created[i]->creator = NULL;
+  arq_free(c->created);
+  c->created = NULL;
+  c->ncreated = c->createdcap = 0;
+}
+
 void arq_router_remove(arq_bus_t *b, arq_channel_t *ch) {
   b->version++;
+  if (ch->creator)
+    arq_router_forget_created(ch);
   arq_bus_tel_channel(b, ARQ_TEL_CHANNEL_DELETED, ch);
   if (ch->nmembers > 0 && b->io.interest)
     b->io.interest(b->io.ud, ch->room->name, ch->name, false);
@@ -116,6 +158,8 @@ arq_sub_t *arq_router_sub(const arq_client_t *c, const arq_channel_t *ch) {
 bool arq_router_join(arq_bus_t *b, arq_client_t *c, arq_channel_t *ch) {
   if (arq_router_sub(c, ch))
     return false;
+  if (ch->creator && ch->creator != c) /* used by others: no longer its creator's alone */
+    arq_router_forget_created(ch);
   arq_sub_t *s = arq_malloc(sizeof *s);
   s->client = c;
   s->channel = ch;

@@ -42,7 +42,8 @@ static uint64_t now_ms(const arq_conn_t *c) { return uv_now(c->srv->loop); }
  * An entry exists while its count is above 0. */
 typedef struct arq_addr_count {
   char addr[INET6_ADDRSTRLEN];
-  size_t n;
+  size_t n;       /* open bus WebSocket connections */
+  size_t pending; /* connections in their opening handshake, any port */
   UT_hash_handle hh;
 } arq_addr_count_t;
 
@@ -57,7 +58,7 @@ static size_t addr_count(arq_server_t *srv, const char *addr) {
   return e ? e->n : 0;
 }
 
-static void addr_add(arq_conn_t *c) {
+static arq_addr_count_t *addr_get(arq_conn_t *c) {
   arq_server_t *srv = c->srv;
   arq_addr_count_t *e = addr_entry(srv, c->addr);
   if (!e) {
@@ -65,7 +66,18 @@ static void addr_add(arq_conn_t *c) {
     memcpy(e->addr, c->addr, sizeof e->addr);
     HASH_ADD_STR(srv->per_addr, addr, e);
   }
-  e->n++;
+  return e;
+}
+
+static void addr_put(arq_server_t *srv, arq_addr_count_t *e) {
+  if (e->n == 0 && e->pending == 0) {
+    HASH_DEL(srv->per_addr, e);
+    arq_free(e);
+  }
+}
+
+static void addr_add(arq_conn_t *c) {
+  addr_get(c)->n++;
   c->addr_counted = true;
 }
 
@@ -74,9 +86,24 @@ static void addr_remove(arq_conn_t *c) {
     return;
   c->addr_counted = false;
   arq_addr_count_t *e = addr_entry(c->srv, c->addr);
-  if (e && --e->n == 0) {
-    HASH_DEL(c->srv->per_addr, e);
-    arq_free(e);
+  if (e) {
+    e->n--;
+    addr_put(c->srv, e);
+  }
+}
+
+/* The connection leaves its opening handshake (opened, refused or gone). */
+static void handshake_over(arq_conn_t *c) {
+  arq_server_t *srv = c->srv;
+  if (c->kind == ARQ_PORT_OPS) {
+    srv->npending_ops--;
+    return;
+  }
+  srv->npending--;
+  arq_addr_count_t *e = addr_entry(srv, c->addr);
+  if (e) {
+    e->pending--;
+    addr_put(srv, e);
   }
 }
 
@@ -128,7 +155,7 @@ void arq_conn_destroy(arq_conn_t *c, arq_close_reason_t reason) {
   if (c->state != ARQ_CONN_CLOSING)
     c->reason = (uint8_t)reason; /* a closing connection keeps why it started closing */
   if (c->state == ARQ_CONN_HANDSHAKE)
-    srv->npending--;
+    handshake_over(c);
   c->state = ARQ_CONN_CLOSED;
   if (c->waiter) {
     c->waiter->c = NULL;
@@ -401,7 +428,7 @@ bool arq_conn_send(arq_conn_t *c, arq_rcbuf_t *buf) {
 static void start_closing(arq_conn_t *c, arq_close_reason_t reason) {
   arq_server_t *srv = c->srv;
   if (c->state == ARQ_CONN_HANDSHAKE)
-    srv->npending--;
+    handshake_over(c);
   c->state = ARQ_CONN_CLOSING;
   c->reason = (uint8_t)reason;
   detach(c);
@@ -669,7 +696,7 @@ static void open_websocket(arq_conn_t *c) {
   arq_free(c->req);
   c->req = NULL;
   arq_list_remove(&c->node_deadline);
-  srv->npending--;
+  handshake_over(c);
   c->state = ARQ_CONN_OPEN;
   c->opened = true;
   srv->nws++;
@@ -926,7 +953,10 @@ void arq_conn_accept(arq_listener_t *l) {
   uv_tcp_init(srv->loop, &c->tcp);
   int rc = uv_accept((uv_stream_t *)&l->tcp, (uv_stream_t *)&c->tcp);
   bool refuse = srv->draining && l->kind != ARQ_PORT_OPS;
-  if (rc != 0 || refuse || srv->npending >= srv->max_pending) {
+  /* The ops port has a bound of its own: a flood of handshakes on the bus
+   * port must not keep /health from answering. */
+  bool full = l->kind == ARQ_PORT_OPS ? srv->npending_ops >= ARQ_OPS_MAX_PENDING : srv->npending >= srv->max_pending;
+  if (rc != 0 || refuse || full) {
     if (rc != 0)
       arq_log(ARQ_LOG_WARN, "net", "accept failed", ARQ_LS("error", uv_strerror(rc)));
     else
@@ -935,17 +965,33 @@ void arq_conn_accept(arq_listener_t *l) {
     uv_close((uv_handle_t *)&c->tcp, on_reject_closed);
     return;
   }
+  format_peer(c);
+  /* One address may not hold many handshakes open: it would take the
+   * shared bound (max_pending) from everyone else. */
+  arq_addr_count_t *e = l->kind == ARQ_PORT_OPS ? NULL : addr_get(c);
+  if (e && e->pending >= srv->cfg->max_handshakes_per_ip) {
+    addr_put(srv, e);
+    srv->metrics.limit_denials[ARQ_LIMIT_HANDSHAKES_PER_IP]++;
+    arq_log(ARQ_LOG_DEBUG, "net", "connection dropped: too many handshakes from this address",
+            ARQ_LS("remote", c->remote), ARQ_LS("port", port_names[c->kind]));
+    uv_close((uv_handle_t *)&c->tcp, on_reject_closed);
+    return;
+  }
+  if (e)
+    e->pending++;
   c->id = ++srv->next_conn_id;
   c->state = ARQ_CONN_HANDSHAKE;
   uv_tcp_nodelay(&c->tcp, 1);
-  format_peer(c);
   c->req = arq_malloc(sizeof(*c->req));
   arq_http_req_init(c->req, srv->cfg->max_header_size);
   arq_ws_decoder_init(&c->dec, srv->cfg->max_message_size, true);
   if (srv->tls_ctx)
     c->tls = arq_tls_new(srv->tls_ctx);
   srv->nconns++;
-  srv->npending++;
+  if (l->kind == ARQ_PORT_OPS)
+    srv->npending_ops++;
+  else
+    srv->npending++;
   arq_list_push_back(&srv->conns, &c->node_all);
   c->deadline = now_ms(c) + srv->cfg->handshake_timeout_ms;
   arq_list_push_back(&srv->handshaking, &c->node_deadline);

@@ -124,6 +124,7 @@ static arq_bus_t *make_bus(arq_server_t *srv, char *err, size_t cap) {
   o.rate_bytes = cfg->rate_limit_bytes;
   o.rate_close_after = (unsigned)cfg->rate_limit_close_after;
   o.max_subscriptions = cfg->max_subscriptions;
+  o.max_channels_per_client = cfg->max_channels_per_client;
   o.max_channels = cfg->max_channels;
   o.max_rooms = cfg->max_rooms;
   char **bootstrap = split_names(cfg->bootstrap_channels);

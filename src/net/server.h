@@ -33,6 +33,7 @@ typedef struct arq_listener {
 } arq_listener_t;
 
 #define ARQ_READ_BUF_SIZE (64 * 1024)
+#define ARQ_OPS_MAX_PENDING 256 /* ops requests being read at once */
 
 struct arq_server {
   uv_loop_t *loop;
@@ -70,7 +71,8 @@ struct arq_server {
   arq_list_t flush_pending;
   uint64_t next_conn_id;
   size_t nconns;           /* live TCP connections, all ports */
-  size_t npending;         /* of them, still in the handshake */
+  size_t npending;         /* of them, bus and telemetry ones still in the handshake */
+  size_t npending_ops;     /* ops requests still being read */
   size_t nws;              /* WebSocket connections past the handshake */
   size_t max_pending;
   struct arq_addr_count *per_addr; /* bus WebSocket connections by remote address (net/conn.c) */

@@ -501,3 +501,18 @@ def test_secrets_are_not_repeated_in_config_errors():
         p = subprocess.run([BIN, flag, "TopSecretValue-0123456789abcdefXYZ\t"], capture_output=True, text=True,
                            timeout=20 * SLOW, env=env)
         assert p.returncode == 2 and "TopSecret" not in p.stderr and "secret not shown" in p.stderr, p.stderr
+
+
+def test_guests_join_only_channels_that_exist(make_server):
+    srv = jwt_server(make_server)
+    guest = Bus(srv.port, headers=bearer(token("gus")))
+    user = Bus(srv.port, headers=bearer(token("ursula", roles=["user"])))
+    r = guest.command("join_channel", {"room": "new", "channel": "one"})
+    assert error_code(r) == "forbidden" and "exist" in r["payload"]["message"], r
+    assert error_code(user.command("channel_info", {"room": "new", "channel": "one"})) == "not_found"
+    assert user.command("join_channel", {"room": "new", "channel": "one"})["type"] == "system"
+    assert guest.command("join_channel", {"room": "new", "channel": "one"})["type"] == "system"
+    g2 = Bus(srv.port, headers=bearer(token("gil")), channel="other:two")
+    assert g2.welcome["payload"]["subscriptions"] == []
+    assert error_code(g2.recv()) == "forbidden"
+    assert error_code(user.command("channel_info", {"room": "other", "channel": "two"})) == "not_found"

@@ -530,3 +530,56 @@ def test_slow_consumer_is_closed_while_others_keep_up(make_server, pair_of):
     pair.works()
     pub.send({"type": "event", "room": "lab", "channel": "slow", "id": "arq_after", "payload": {}})
     assert reader.recv_until(lambda e: e["type"] == "event")[0]["id"] == "arq_after"
+
+
+# ---- one address, one client: their share of what everybody needs ---------------------
+
+
+def test_one_address_cannot_hold_every_handshake_slot(make_server, pair_of):
+    # max_connections 40: the shared bound on handshakes is 40 / 4 + 64 = 74.
+    server = make_server(args=["--max-connections", "40", "--max-handshakes-per-ip", "8"])
+    pair = pair_of(server)
+    idle = []
+    try:
+        for _ in range(100):  # silent connections from 127.0.0.1, far over 8
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+            idle.append(s)
+        # Past the 8th, each is closed at once by the server.
+        server.wait_metric('arqonbus_limit_denials_total{limit="handshakes_per_ip"}', lambda v: v >= 92)
+        # Another address still gets in, and the ops port answers.
+        other = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT, source_address=("127.0.0.2", 0))
+        req, key = upgrade_request()
+        other.sendall(req)
+        assert other.recv(12) == b"HTTP/1.1 101"
+        other.close()
+        assert server.http("/health")[0] == 200
+        pair.works()
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_one_client_cannot_fill_the_node_with_its_own_channels(make_server, pair_of):
+    server = make_server(args=["--max-channels-per-client", "5"])
+    pair = pair_of(server)
+    a = Bus(server.port, timeout=TIMEOUT)
+    # Join and leave: the emptied channels live on (channel_ttl) and count.
+    for k in range(5):
+        assert join(a, "mine:c%d" % k)["type"] == "system"
+        assert a.command("leave_channel", {"room": "mine", "channel": "c%d" % k})["type"] == "system"
+    r = join(a, "mine:c5")
+    assert error_code(r) == "limit_exceeded", r
+    assert (r["payload"]["limit"], r["payload"]["max"]) == ("max_channels_per_client", 5), r
+    a.send({"type": "event", "id": "arq_new", "room": "mine", "channel": "c6", "payload": {}})
+    r = a.recv()
+    assert error_code(r) == "limit_exceeded" and r["correlation_id"] == "arq_new", r
+    # Channels that exist may still be joined; one another client joined is
+    # no longer only its own, which makes room.
+    assert join(a, CHANNEL)["type"] == "system"
+    b = Bus(server.port, timeout=TIMEOUT)
+    assert join(b, "mine:c0")["type"] == "system"
+    assert join(a, "mine:c5")["type"] == "system"
+    # Another client creates channels of its own.
+    assert join(b, "theirs:x")["type"] == "system"
+    assert denials(server, "channels_created") == 2
+    pair.works()

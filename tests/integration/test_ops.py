@@ -55,7 +55,8 @@ FAMILIES = {
     "arqonbus_errors_total": ("counter", ("code", ERROR_CODES)),
     "arqonbus_malformed_closes_total": ("counter", None),
     "arqonbus_limit_denials_total": ("counter", ("limit", {
-        "rate", "rate_close", "subscriptions", "channels", "rooms", "connections_per_ip", "origin"})),
+        "rate", "rate_close", "subscriptions", "channels", "rooms", "connections_per_ip", "origin",
+        "handshakes_per_ip", "channels_created"})),
     "arqonbus_routing_latency_seconds": ("histogram", None),
     "arqonbus_command_duration_seconds": ("histogram", ("command", COMMANDS)),
     "arqonbus_clients": ("gauge", None),
