@@ -3449,6 +3449,91 @@ static void test_rate_limit_refusals_spread_out_do_not_close(void **state) {
   assert_false(a->closed);
 }
 
+/* Channels a client creates count against max_channels_per_client while
+ * they exist and nobody else joined them; joining and leaving does not
+ * free them, another member does. */
+static void test_channels_per_client(void **state) {
+  world_t *w = *state;
+  arq_bus_opts_t o = opts();
+  o.max_channels_per_client = 2;
+  start(w, &o);
+  conn_t *a = connect_q(w, "client_id=alice&channel=lab:one");
+  conn_t *b = connect_q(w, "client_id=bob");
+  drain(a);
+  drain(b);
+  say(a, "{'type':'command','command':'leave_channel','room':'lab','channel':'one','id':'arq_l1'}");
+  expect_reply(a, "leave_channel", "arq_l1");
+  say(a, "{'type':'event','room':'lab','channel':'two','id':'arq_e1'}");
+  none(a); /* created by the publish: the second of its own */
+  say(a, "{'type':'command','command':'join_channel','room':'lab','channel':'three','id':'arq_j1'}");
+  json_t *m = expect_error(a, "limit_exceeded", "arq_j1");
+  expect_str(m, "payload.limit", "max_channels_per_client");
+  assert_int_equal(jint(m, "payload.max"), 2);
+  /* Existing channels still open; bob joining lab:one makes it shared. */
+  say(a, "{'type':'command','command':'join_channel','room':'science','channel':'general','id':'arq_j2'}");
+  expect_reply(a, "join_channel", "arq_j2");
+  say(b, "{'type':'command','command':'join_channel','room':'lab','channel':'one','id':'arq_j3'}");
+  expect_reply(b, "join_channel", "arq_j3");
+  say(a, "{'type':'command','command':'join_channel','room':'lab','channel':'three','id':'arq_j4'}");
+  expect_reply(a, "join_channel", "arq_j4");
+  /* A client that leaves the bus frees its count with it (nothing dangles). */
+  arq_bus_disconnect(w->bus, a->client);
+  a->client = NULL;
+  say(b, "{'type':'command','command':'join_channel','room':'lab','channel':'three','id':'arq_j5'}");
+  expect_reply(b, "join_channel", "arq_j5");
+}
+
+/* Roles and rooms from a credential, as the shell passes them. */
+static conn_t *connect_as(world_t *w, const char *query, unsigned roles, const char *rooms) {
+  assert_true(w->nconns < MAX_CONNS);
+  conn_t *c = &w->conns[w->nconns];
+  c->w = w;
+  c->index = w->nconns++;
+  arq_client_params_t p;
+  char err[256] = "";
+  assert_int_equal(arq_bus_parse_params(query, strlen(query), &p, err, sizeof err), 0);
+  p.roles = roles;
+  p.rooms = rooms;
+  c->client = arq_bus_connect(w->bus, c, &p, "127.0.0.1:1234");
+  assert_non_null(c->client);
+  return c;
+}
+
+static void test_roles_and_rooms(void **state) {
+  world_t *w = *state;
+  arq_bus_opts_t o = opts();
+  o.protected_rooms = "ops=user";
+  start(w, &o);
+  conn_t *g = connect_as(w, "client_id=gus", ARQ_ROLE_GUEST, NULL);
+  conn_t *u = connect_as(w, "client_id=ursula", ARQ_ROLE_USER, NULL);
+  conn_t *s = connect_as(w, "client_id=sam", ARQ_ROLE_USER, "lab");
+  drain(g);
+  drain(u);
+  drain(s);
+  /* Guests: no new channels, no publishing, no protected rooms. */
+  say(g, "{'type':'command','command':'join_channel','room':'lab','channel':'new','id':'arq_g1'}");
+  expect_error(g, "forbidden", "arq_g1");
+  say(g, "{'type':'command','command':'join_channel','room':'science','channel':'general','id':'arq_g2'}");
+  expect_reply(g, "join_channel", "arq_g2");
+  say(g, "{'type':'event','room':'science','channel':'general','id':'arq_g3'}");
+  expect_error(g, "forbidden", "arq_g3");
+  say(g, "{'type':'command','command':'delete_channel','room':'science','channel':'general','id':'arq_g4'}");
+  expect_error(g, "forbidden", "arq_g4");
+  /* A protected room: users listed; a client limited to lab is not. */
+  say(u, "{'type':'command','command':'join_channel','room':'ops','channel':'a','id':'arq_u1'}");
+  expect_reply(u, "join_channel", "arq_u1");
+  say(s, "{'type':'command','command':'join_channel','room':'ops','channel':'a','id':'arq_s1'}");
+  expect_error(s, "forbidden", "arq_s1");
+  say(s, "{'type':'command','command':'history','room':'science','channel':'general','id':'arq_s2'}");
+  expect_error(s, "forbidden", "arq_s2");
+  say(s, "{'type':'command','command':'join_channel','room':'lab','channel':'x','id':'arq_s3'}");
+  expect_reply(s, "join_channel", "arq_s3");
+  arq_bus_stats_t st = stats(w);
+  assert_int_equal(st.forbidden[ARQ_DENY_ROOM], 3);
+  assert_int_equal(st.forbidden[ARQ_DENY_PUBLISH], 1);
+  assert_int_equal(st.forbidden[ARQ_DENY_COMMAND], 1);
+}
+
 static void test_limit_exceeded(void **state) {
   world_t *w = *state;
   arq_bus_opts_t o = opts();
@@ -3567,6 +3652,8 @@ int main(void) {
       T(test_rate_limit_answers_then_closes),
       T(test_rate_limit_refusals_spread_out_do_not_close),
       T(test_limit_exceeded),
+      T(test_channels_per_client),
+      T(test_roles_and_rooms),
       cmocka_unit_test(test_bus_new_rejects_bad_names),
       cmocka_unit_test(test_params_ok),
       cmocka_unit_test(test_params_errors),
