@@ -6,7 +6,9 @@ key, HS256, RS256 and ES256 tokens; keys and tokens made here with Debian's
 python3-jwt and python3-cryptography), opens N connections one after the
 other (upgrade, read the 101, close) and prints the server's user+system CPU
 time (from /proc) divided by N: what one connection costs the server,
-credential check included.
+credential check included. Token modes run twice: with a new token for
+every connection (each checked in full) and with one token for all (a
+client reconnecting: the server remembers tokens it verified).
 
     /usr/bin/python3 bench/handshake_cost.py [--server build/release/arqonbus] [-n 2000]
 """
@@ -47,7 +49,7 @@ def public_pem(key, tmp):
     return path
 
 
-def measure(server, args, header, n):
+def measure(server, args, headers, n):
     ports = free_ports(3)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARQONBUS_")}
     log_path = os.path.join(tempfile.mkdtemp(prefix="handshake-cost-"), "server.log")
@@ -58,9 +60,9 @@ def measure(server, args, header, n):
     try:
         wait_listening(proc, ports[0], log_path)
         before = cpu_seconds(proc.pid)
-        for _ in range(n):
+        for k in range(n):
             s = socket.create_connection(("127.0.0.1", ports[0]))
-            req, _ = upgrade_request(extra=header)
+            req, _ = upgrade_request(extra=headers[k % len(headers)])
             s.sendall(req)
             head = s.recv(12)
             assert head == b"HTTP/1.1 101", head
@@ -80,20 +82,22 @@ def main():
     exp = int(time.time()) + 3600
     rsa_key, ec_key = rsa.generate_private_key(65537, 2048), ec.generate_private_key(ec.SECP256R1())
     keyline = "%s:bench:user" % hashlib.sha256(API_KEY.encode()).hexdigest()
-    modes = [
-        ("none", [], ""),
-        ("api_key", ["--auth", "api_key", "--api-keys", keyline], API_KEY),
-        ("jwt HS256", ["--auth", "jwt", "--jwt-secret", SECRET],
-         jwt.encode({"sub": "bench", "exp": exp}, SECRET, algorithm="HS256")),
-        ("jwt RS256", ["--auth", "jwt", "--jwt-algorithm", "RS256", "--jwt-key-file", public_pem(rsa_key, tmp)],
-         jwt.encode({"sub": "bench", "exp": exp}, rsa_key, algorithm="RS256")),
-        ("jwt ES256", ["--auth", "jwt", "--jwt-algorithm", "ES256", "--jwt-key-file", public_pem(ec_key, tmp)],
-         jwt.encode({"sub": "bench", "exp": exp}, ec_key, algorithm="ES256")),
-    ]
-    for name, args, credential in modes:
-        header = "Authorization: Bearer %s\r\n" % credential if credential else ""
-        per = measure(o.server, args, header, o.n)
-        print("%-10s %6.0f us server CPU per connection (%d connections)" % (name, per * 1e6, o.n))
+    def tokens(key, alg, count):
+        return [jwt.encode({"sub": "bench%d" % k, "exp": exp}, key, algorithm=alg) for k in range(count)]
+
+    def bearer(credentials):
+        return ["Authorization: Bearer %s\r\n" % c for c in credentials]
+
+    modes = [("none", [], [""]), ("api_key", ["--auth", "api_key", "--api-keys", keyline], bearer([API_KEY]))]
+    for alg, key, args in (("HS256", SECRET, ["--jwt-secret", SECRET]),
+                           ("RS256", rsa_key, ["--jwt-key-file", public_pem(rsa_key, tmp)]),
+                           ("ES256", ec_key, ["--jwt-key-file", public_pem(ec_key, tmp)])):
+        args = ["--auth", "jwt", "--jwt-algorithm", alg] + args
+        modes.append(("jwt %s, a new token each" % alg, args, bearer(tokens(key, alg, o.n))))
+        modes.append(("jwt %s, one token" % alg, args, bearer(tokens(key, alg, 1))))
+    for name, args, headers in modes:
+        per = measure(o.server, args, headers, o.n)
+        print("%-30s %6.0f us server CPU per connection (%d connections)" % (name, per * 1e6, o.n))
 
 
 if __name__ == "__main__":

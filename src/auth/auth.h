@@ -74,9 +74,13 @@ size_t arq_auth_key_count(const arq_auth_t *a);
 /* Checks the credential ('n' bytes at 'cred') at wall-clock time 'now_ms'.
  * Returns 0 and fills 'id' (release with arq_identity_clear), or a negative
  * ARQ_E* code with a short reason in 'why' that names no secret: it is sent
- * to the client in the 401 answer. */
-int arq_auth_verify(const arq_auth_t *a, const char *cred, size_t n, uint64_t now_ms, arq_identity_t *id, char *why,
+ * to the client in the 401 answer. A token that passed is remembered (by
+ * its SHA-256) so that checking it again is cheap; it still expires. */
+int arq_auth_verify(arq_auth_t *a, const char *cred, size_t n, uint64_t now_ms, arq_identity_t *id, char *why,
                     size_t whycap);
+/* How many token checks were answered from the tokens already verified
+ * (auth.c keeps the last ones, by digest; never failures). */
+uint64_t arq_auth_remembered(const arq_auth_t *a);
 
 /* Releases what 'id' owns and zeroes it. */
 void arq_identity_clear(arq_identity_t *id);

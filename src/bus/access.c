@@ -80,7 +80,7 @@ unsigned arq_access_default_roles(const arq_bus_t *b, const char *client_id) {
   return ARQ_ROLE_USER;
 }
 
-void arq_bus_set_auth(arq_bus_t *b, const arq_auth_t *auth) { b->o.auth = auth; }
+void arq_bus_set_auth(arq_bus_t *b, arq_auth_t *auth) { b->o.auth = auth; }
 
 json_t *arq_access_roles_json(unsigned roles) {
   json_t *a = json_array();

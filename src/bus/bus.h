@@ -159,7 +159,7 @@ typedef struct arq_bus_opts {
   const char *node_id;             /* cluster mode: this node's name; NULL or "" in memory mode */
   const char *command_roles;       /* "command=role+role,..." (access.c); NULL: every command open to all */
   const char *protected_rooms;     /* "room=role+role,..."; NULL: none */
-  const arq_auth_t *auth;          /* checks in-band credentials (borrowed); NULL: authentication is off */
+  arq_auth_t *auth;                /* checks in-band credentials (borrowed; it remembers tokens); NULL: off */
   /* Limits (docs/security.md); 0 turns each off. */
   uint64_t rate_messages;          /* messages per second per client (token bucket, one second's worth) */
   uint64_t rate_bytes;             /* bytes per second per client */
@@ -327,7 +327,7 @@ typedef struct arq_bus_stats {
 
 /* Replaces the verifier of in-band credentials ('auth' borrowed; NULL:
  * authentication off). */
-void arq_bus_set_auth(arq_bus_t *b, const arq_auth_t *auth);
+void arq_bus_set_auth(arq_bus_t *b, arq_auth_t *auth);
 
 /* True when a client with 'roles' and token rooms 'rooms' (NULL: no limit)
  * may join, publish to and read room 'room' (access.c). */

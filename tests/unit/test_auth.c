@@ -252,6 +252,36 @@ static void test_token_signatures_and_headers(void **state) {
   arq_auth_free(a);
 }
 
+/* A token that passed is remembered: checked again, it is answered from
+ * memory (same identity), and still refused from its exp on; one that
+ * failed is checked every time. */
+static void test_verified_tokens_are_remembered(void **state) {
+  arq_auth_t *a = jwt_auth(NULL, NULL);
+  arq_identity_t id;
+  char why[200] = "";
+  char *t = make_token("{\"sub\":\"kim\",\"exp\":1800000600,\"roles\":[\"user\"],\"rooms\":[\"lab\"]}", SECRET,
+                       JWT_ALG_HS256);
+  for (int i = 0; i < 3; i++) {
+    assert_int_equal(arq_auth_verify(a, t, strlen(t), NOW, &id, why, sizeof why), 0);
+    assert_string_equal(id.client_id, "kim");
+    assert_int_equal(id.roles, ARQ_ROLE_USER);
+    assert_string_equal(id.rooms, "lab");
+    arq_identity_clear(&id);
+  }
+  assert_int_equal(arq_auth_remembered(a), 2);
+  uint64_t after = UINT64_C(1800000600000) + LEEWAY;
+  assert_int_equal(arq_auth_verify(a, t, strlen(t), after, &id, why, sizeof why), ARQ_EACCES);
+  assert_string_equal(why, "the token has expired");
+  assert_int_equal(arq_auth_verify(a, t, strlen(t), after - 1, &id, why, sizeof why), 0);
+  arq_identity_clear(&id);
+  t[strlen(t) - 1] = t[strlen(t) - 1] == 'A' ? 'B' : 'A'; /* another signature: another token */
+  for (int i = 0; i < 2; i++)
+    assert_int_equal(arq_auth_verify(a, t, strlen(t), NOW, &id, why, sizeof why), ARQ_EACCES);
+  assert_int_equal(arq_auth_remembered(a), 3);
+  free(t);
+  arq_auth_free(a);
+}
+
 static void test_bad_token_settings(void **state) {
   char err[256] = "";
   arq_auth_opts_t o = {.mode = ARQ_AUTH_JWT, .jwt_alg = ARQ_JWT_HS256, .jwt_key = (const unsigned char *)"short",
@@ -314,6 +344,7 @@ int main(void) {
       cmocka_unit_test(test_token_claims),
       cmocka_unit_test(test_token_times_at_the_leeway),
       cmocka_unit_test(test_token_signatures_and_headers),
+      cmocka_unit_test(test_verified_tokens_are_remembered),
       cmocka_unit_test(test_bad_token_settings),
       cmocka_unit_test(test_finding_the_credential),
   };
