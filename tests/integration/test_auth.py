@@ -475,21 +475,24 @@ def test_refresh_needs_a_token_that_has_not_expired_and_is_counted(make_server):
 
 
 def test_status_is_for_admins_and_listings_cost_rate(make_server):
-    srv = jwt_server(make_server, "--rate-limit-messages", "100", "--rate-limit-close-after", "1000")
+    # 100 channels, a bucket of 10 messages refilled at 10 a second: one
+    # listing of ~100 channels costs 1 + 10 messages, so the second listing
+    # in a row is refused (unless a whole second passed between the two).
+    many = ",".join("many:c%d" % k for k in range(100))
+    srv = jwt_server(make_server, "--rate-limit-messages", "10", "--rate-limit-close-after", "1000",
+                     "--bootstrap-channels", many)
     admin = Bus(srv.port, headers=bearer(token("root", roles=["admin"])))
     user = Bus(srv.port, headers=bearer(token("ursula", roles=["user"])))
     assert error_code(user.command("status")) == "forbidden"
     assert admin.command("status")["type"] == "system"
-    for k in range(60):  # 60 + 7 bootstrap + 2 special channels
-        assert admin.command("create_channel", {"room": "many", "channel": "c%d" % k})["type"] == "system"
-    # A listing of ~70 channels costs 7 messages more: 100 messages a second
-    # allow about a dozen listings, then the client is told to wait.
-    codes = []
-    for _ in range(20):
-        r = user.command("list_channels")
-        codes.append("ok" if r["type"] == "system" else error_code(r))
-    assert codes[0] == "ok" and "rate_limited" in codes, codes
-    assert codes.index("rate_limited") < 16, codes
+    first = user.command("list_channels")
+    assert first["type"] == "system" and first["payload"]["count"] >= 100, first
+    second = user.command("list_channels")
+    assert error_code(second) == "rate_limited" and second["payload"]["retry_after_ms"] > 0, second
+    # The bucket refills: after a second the client may list again.
+    time.sleep(1.2)
+    assert user.command("list_channels")["type"] == "system"
+    assert srv.metrics()['arqonbus_limit_denials_total{limit="rate"}'] == 1
     alive(admin)
 
 
