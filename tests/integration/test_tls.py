@@ -441,4 +441,7 @@ def test_shutdown_sends_1001_then_close_notify(make_server, certdir):
         ws.send_frame(OP_CLOSE, struct.pack("!H", 1001))
         assert ws.sock.recv(1) == b""  # close_notify, then the server's FIN
         ws.close()
+    # It exits on its own; a second SIGTERM (stop() sends one to a process
+    # still running) could arrive after its handlers are gone.
+    server.proc.wait(20 * SLOW)
     assert server.stop() == 0
