@@ -8,6 +8,7 @@
 #include "net/server.h"
 
 #include <openssl/rand.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -450,6 +451,12 @@ static void close_own_handles(arq_server_t *srv) {
   close_handle((uv_handle_t *)&srv->sigint);
   close_handle((uv_handle_t *)&srv->sigterm);
   close_handle((uv_handle_t *)&srv->sighup);
+  /* Closing them gave the signals back their default action: one that came
+   * now, while the process finishes exiting, would kill it and turn a clean
+   * exit 0 into death by signal. There is nothing left for it to do. */
+  signal(SIGINT, SIG_IGN);
+  signal(SIGTERM, SIG_IGN);
+  signal(SIGHUP, SIG_IGN);
   if (srv->cluster)
     arq_cluster_close(srv->cluster); /* its connections free themselves; the rest goes in arq_server_free */
 }

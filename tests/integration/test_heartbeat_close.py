@@ -219,6 +219,21 @@ def test_second_signal_drops_everything_at_once(make_server):
     assert server.stop() == 0
 
 
+def test_signals_after_the_stop_do_not_change_the_exit(make_server):
+    # Once the server has stopped serving ("stopped"), signals that keep
+    # coming (an impatient supervisor) find nothing to do: it still exits 0.
+    server = make_server()
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10 * SLOW
+    while "msg=stopped" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        if server.proc.poll() is None:
+            server.proc.send_signal(sig)
+    assert server.proc.wait(10 * SLOW) == 0
+    assert server.stop() == 0
+
+
 def test_sigterm_drops_pending_handshakes(make_server):
     server = make_server()
     half = socket.create_connection(("127.0.0.1", server.port), timeout=5 * SLOW)
