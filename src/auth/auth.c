@@ -157,16 +157,6 @@ void arq_identity_copy(arq_identity_t *dst, const arq_identity_t *src) {
 
 /* ---- API keys ------------------------------------------------------------- */
 
-static int hexval(char c) {
-  if (c >= '0' && c <= '9')
-    return c - '0';
-  if (c >= 'a' && c <= 'f')
-    return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F')
-    return c - 'A' + 10;
-  return -1;
-}
-
 /* Parses one entry "HEX:client_id:roles[:client_type]" ('n' bytes). */
 static int parse_key(const char *s, size_t n, api_key_t *k, char *err, size_t errcap) {
   char line[512];
@@ -187,7 +177,7 @@ static int parse_key(const char *s, size_t n, api_key_t *k, char *err, size_t er
   if (strlen(fields[0]) != 64)
     return fail(err, errcap, ARQ_EINVAL, "the key's SHA-256 must be 64 hex digits");
   for (size_t i = 0; i < 32; i++) {
-    int hi = hexval(fields[0][2 * i]), lo = hexval(fields[0][2 * i + 1]);
+    int hi = arq_names_hexval(fields[0][2 * i]), lo = arq_names_hexval(fields[0][2 * i + 1]);
     if (hi < 0 || lo < 0)
       return fail(err, errcap, ARQ_EINVAL, "the key's SHA-256 must be 64 hex digits");
     k->digest[i] = (unsigned char)(hi << 4 | lo);

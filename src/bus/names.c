@@ -42,7 +42,7 @@ int arq_names_split(const char *s, char *room, char *channel) {
   return 0;
 }
 
-static int hexval(char c) {
+int arq_names_hexval(char c) {
   if (c >= '0' && c <= '9')
     return c - '0';
   if (c >= 'a' && c <= 'f')
@@ -63,7 +63,7 @@ long arq_names_unescape(const char *s, size_t n, char *out, size_t cap) {
     } else if (c == '%') {
       if (i + 2 >= n)
         return -1;
-      int hi = hexval(s[i + 1]), lo = hexval(s[i + 2]);
+      int hi = arq_names_hexval(s[i + 1]), lo = arq_names_hexval(s[i + 2]);
       if (hi < 0 || lo < 0)
         return -1;
       c = hi * 16 + lo;

@@ -34,6 +34,9 @@ int arq_names_split(const char *s, char *room, char *channel);
 /* Decodes the percent-encoded query value ('n' bytes at 's', '+' is a space)
  * into 'out' ('cap' bytes, NUL-terminated). Returns the decoded length, or -1
  * when it does not fit, has a bad escape or decodes to a NUL byte. */
+/* The value of the hex digit 'c', or -1. */
+int arq_names_hexval(char c);
+
 long arq_names_unescape(const char *s, size_t n, char *out, size_t cap);
 
 #endif

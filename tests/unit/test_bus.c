@@ -320,8 +320,8 @@ static int teardown(void **state) {
   return 0;
 }
 
-/* Connects a client with the upgrade query 'query'. */
-static conn_t *connect_q(world_t *w, const char *query) {
+/* Roles and rooms from a credential, as the shell passes them. */
+static conn_t *connect_as(world_t *w, const char *query, unsigned roles, const char *rooms) {
   assert_true(w->nconns < MAX_CONNS);
   conn_t *c = &w->conns[w->nconns];
   c->w = w;
@@ -332,10 +332,15 @@ static conn_t *connect_q(world_t *w, const char *query) {
   if (rc != 0)
     print_error("params %s: %s\n", query, err);
   assert_int_equal(rc, 0);
+  p.roles = roles;
+  p.rooms = rooms;
   c->client = arq_bus_connect(w->bus, c, &p, "127.0.0.1:1234");
   assert_non_null(c->client);
   return c;
 }
+
+/* Connects a client with the upgrade query 'query'. */
+static conn_t *connect_q(world_t *w, const char *query) { return connect_as(w, query, 0, NULL); }
 
 /* Sends 'json' (single-quoted) from 'c'. */
 static void say(conn_t *c, const char *json) {
@@ -3481,22 +3486,6 @@ static void test_channels_per_client(void **state) {
   a->client = NULL;
   say(b, "{'type':'command','command':'join_channel','room':'lab','channel':'three','id':'arq_j5'}");
   expect_reply(b, "join_channel", "arq_j5");
-}
-
-/* Roles and rooms from a credential, as the shell passes them. */
-static conn_t *connect_as(world_t *w, const char *query, unsigned roles, const char *rooms) {
-  assert_true(w->nconns < MAX_CONNS);
-  conn_t *c = &w->conns[w->nconns];
-  c->w = w;
-  c->index = w->nconns++;
-  arq_client_params_t p;
-  char err[256] = "";
-  assert_int_equal(arq_bus_parse_params(query, strlen(query), &p, err, sizeof err), 0);
-  p.roles = roles;
-  p.rooms = rooms;
-  c->client = arq_bus_connect(w->bus, c, &p, "127.0.0.1:1234");
-  assert_non_null(c->client);
-  return c;
 }
 
 static void test_roles_and_rooms(void **state) {
